@@ -1,0 +1,42 @@
+"""Fork-safe ZeroMQ: ``import zmqfork as zmq``.
+
+``Context``, ``Socket`` and ``Poller`` (and ``select``) are zmqfork's: they
+rebuild their ZeroMQ state in a forked child, wherever the fork came from.
+Every other name (constants, ``ZMQError``, ``Frame``, ``Again``, ...) is
+pyzmq's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq as _zmq
+from zmq import *  # noqa: F401,F403  - pyzmq's names, re-exported unchanged
+
+from zmqfork._policy import POLICIES
+from zmqfork._report import Detection, detection, generation
+from zmqfork._version import __version__
+from zmqfork.context import Context
+from zmqfork.errors import InheritedBindError, RebuildError
+from zmqfork.poll import Poller, select
+from zmqfork.socket import Socket
+
+__all__ = [
+    *(name for name in _zmq.__all__ if name not in {"Context", "Socket", "Poller", "select"}),
+    "Context",
+    "Socket",
+    "Poller",
+    "select",
+    "InheritedBindError",
+    "RebuildError",
+    "POLICIES",
+    "Detection",
+    "detection",
+    "generation",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Names pyzmq resolves lazily (submodules, DRAFT names) are pyzmq's."""
+    return getattr(_zmq, name)

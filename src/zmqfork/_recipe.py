@@ -1,0 +1,162 @@
+"""The recipe of a socket: what was done to it, in order, so a forked child can do it again.
+
+Only calls that succeeded are recorded, so nothing that failed in the parent
+is replayed.  The recipe stays bounded: an option set again before the next
+endpoint step replaces the earlier value, an unsubscribe cancels its subscribe,
+a disconnect its connect, an unbind its bind, a ``monitor(None)`` the monitor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import zmq
+
+from zmqfork.errors import RebuildError
+
+__all__ = ["Step", "SocketRecipe", "SECRET_OPTIONS"]
+
+#: Options whose values never appear in a repr, a log line or an error.
+SECRET_OPTIONS = frozenset({zmq.CURVE_SECRETKEY, zmq.PLAIN_PASSWORD})
+
+# Options that add up rather than replace: every set counts.
+_CUMULATIVE_OPTIONS = frozenset({zmq.SUBSCRIBE, zmq.UNSUBSCRIBE})
+
+
+@dataclass(frozen=True)
+class Step:
+    """One recorded call: ``kind`` is "set", "connect", "disconnect", "bind", "monitor", "join"."""
+
+    kind: str
+    option: int = 0
+    value: Any = None
+    endpoint: str = ""
+    #: For binds: the endpoint the parent actually got (wildcards resolved).
+    resolved: str = ""
+
+    def describe(self) -> str:
+        """A human-readable form that never shows a secret value."""
+        if self.kind == "set":
+            name = _option_name(self.option)
+            shown = "<hidden>" if self.option in SECRET_OPTIONS else repr(self.value)
+            return f"set({name}, {shown})"
+        if self.kind == "monitor":
+            return f"monitor({self.endpoint!r}, events={self.value})"
+        if self.kind == "join":
+            return f"join({self.value!r})"
+        return f"{self.kind}({self.endpoint!r})"
+
+    __repr__ = describe
+
+
+def _option_name(option: int) -> str:
+    try:
+        return f"zmq.{zmq.SocketOption(option).name}"
+    except ValueError:
+        return str(option)
+
+
+class SocketRecipe:
+    """The ordered, compacted list of steps that rebuilds a socket."""
+
+    def __init__(self) -> None:
+        self.steps: List[Step] = []
+
+    def __repr__(self) -> str:
+        return f"SocketRecipe({self.steps!r})"
+
+    # ---- recording -------------------------------------------------------
+
+    def record_option(self, option: int, value: Any) -> None:
+        """Record a successful ``setsockopt``."""
+        if option == zmq.UNSUBSCRIBE and self._cancel(Step("set", zmq.SUBSCRIBE, value)):
+            return
+        if option not in _CUMULATIVE_OPTIONS:
+            # Replace an earlier value set since the last endpoint step.
+            for index in range(len(self.steps) - 1, -1, -1):
+                step = self.steps[index]
+                if step.kind != "set":
+                    break
+                if step.option == option:
+                    del self.steps[index]
+                    break
+        self.steps.append(Step("set", option, value))
+
+    def record_connect(self, endpoint: str) -> None:
+        """Record a successful ``connect``."""
+        self.steps.append(Step("connect", endpoint=endpoint))
+
+    def record_disconnect(self, endpoint: str) -> None:
+        """Record a successful ``disconnect``: it cancels the latest matching connect."""
+        if not self._cancel(Step("connect", endpoint=endpoint)):
+            self.steps.append(Step("disconnect", endpoint=endpoint))
+
+    def record_bind(self, endpoint: str, resolved: str) -> None:
+        """Record a successful ``bind`` of ``endpoint`` that the system resolved to ``resolved``."""
+        self.steps.append(Step("bind", endpoint=endpoint, resolved=resolved or endpoint))
+
+    def record_unbind(self, endpoint: str) -> None:
+        """Record a successful ``unbind``: it cancels the bind it undid."""
+        for index in range(len(self.steps) - 1, -1, -1):
+            step = self.steps[index]
+            if step.kind == "bind" and endpoint in (step.endpoint, step.resolved):
+                del self.steps[index]
+                return
+
+    def record_monitor(self, endpoint: Optional[str], events: int) -> None:
+        """Record a successful ``monitor``; ``endpoint=None`` stops monitoring."""
+        self.steps = [step for step in self.steps if step.kind != "monitor"]
+        if endpoint is not None:
+            self.steps.append(Step("monitor", value=events, endpoint=endpoint))
+
+    def record_join(self, group: bytes) -> None:
+        """Record a successful ``join`` (DRAFT RADIO/DISH groups)."""
+        self.steps.append(Step("join", value=group))
+
+    def record_leave(self, group: bytes) -> None:
+        """Record a successful ``leave``: it cancels the join."""
+        self._cancel(Step("join", value=group))
+
+    def _cancel(self, twin: Step) -> bool:
+        for index in range(len(self.steps) - 1, -1, -1):
+            if self.steps[index] == twin:
+                del self.steps[index]
+                return True
+        return False
+
+    # ---- reading ---------------------------------------------------------
+
+    def bound_endpoints(self) -> List[str]:
+        """The endpoints this socket is bound to, as the system resolved them."""
+        return [step.resolved for step in self.steps if step.kind == "bind"]
+
+    def replay(self, sock: zmq.Socket, *, rebind: bool) -> None:
+        """Apply every step to a fresh pyzmq socket, binds only if ``rebind``.
+
+        Raises RebuildError naming the step that failed.
+        """
+        for step in self.steps:
+            try:
+                _apply(sock, step, rebind)
+            except zmq.ZMQError as exc:
+                raise RebuildError(step.describe(), exc) from None
+
+
+def _apply(sock: zmq.Socket, step: Step, rebind: bool) -> None:
+    kind = step.kind
+    if kind == "set":
+        sock.set(step.option, step.value)
+    elif kind == "connect":
+        sock.connect(step.endpoint)
+    elif kind == "disconnect":
+        sock.disconnect(step.endpoint)
+    elif kind == "bind":
+        if rebind:
+            sock.bind(step.endpoint)
+    elif kind == "monitor":
+        sock.monitor(step.endpoint, step.value)
+    elif kind == "join":
+        sock.join(step.value)
+    else:  # pragma: no cover - Step kinds are closed
+        raise AssertionError(f"unknown recipe step {kind!r}")
