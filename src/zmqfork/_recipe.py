@@ -50,6 +50,10 @@ class Step:
     __repr__ = describe
 
 
+def _is_inproc(step: Step) -> bool:
+    return step.endpoint.startswith("inproc://")
+
+
 def _option_name(option: int) -> str:
     try:
         return f"zmq.{zmq.SocketOption(option).name}"
@@ -128,8 +132,12 @@ class SocketRecipe:
     # ---- reading ---------------------------------------------------------
 
     def bound_endpoints(self) -> List[str]:
-        """The endpoints this socket is bound to, as the system resolved them."""
-        return [step.resolved for step in self.steps if step.kind == "bind"]
+        """The endpoints this socket is bound to that the parent owns, as the system resolved them.
+
+        inproc endpoints are left out: they live in a context, and the child's
+        context is its own, so binding them again takes nothing from the parent.
+        """
+        return [step.resolved for step in self.steps if step.kind == "bind" and not _is_inproc(step)]
 
     def replay(self, sock: zmq.Socket, *, rebind: bool) -> None:
         """Apply every step to a fresh pyzmq socket, binds only if ``rebind``.
@@ -152,7 +160,7 @@ def _apply(sock: zmq.Socket, step: Step, rebind: bool) -> None:
     elif kind == "disconnect":
         sock.disconnect(step.endpoint)
     elif kind == "bind":
-        if rebind:
+        if rebind or _is_inproc(step):
             sock.bind(step.endpoint)
     elif kind == "monitor":
         sock.monitor(step.endpoint, step.value)

@@ -1,0 +1,237 @@
+"""In the process that made them, zmqfork's objects behave as pyzmq's: same API, same results, same errors."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Tuple
+
+import pytest
+import zmq as pyzmq
+
+import zmqfork as zmq
+
+
+def pair(ctx: Any, endpoint: str = "inproc://api") -> Tuple[Any, Any]:
+    a = ctx.socket(pyzmq.PAIR)
+    a.bind(endpoint)
+    b = ctx.socket(pyzmq.PAIR)
+    b.connect(endpoint)
+    a.rcvtimeo = b.rcvtimeo = 5000
+    return a, b
+
+
+def test_every_other_name_is_pyzmqs_own() -> None:
+    """import zmqfork as zmq: constants, errors and Frame are pyzmq's objects."""
+    assert zmq.ZMQError is pyzmq.ZMQError and zmq.Again is pyzmq.Again
+    assert zmq.Frame is pyzmq.Frame and zmq.PUSH == pyzmq.PUSH
+    assert zmq.zmq_version() == pyzmq.zmq_version()
+    assert zmq.Context is not pyzmq.Context and zmq.Socket is not pyzmq.Socket
+    assert issubclass(zmq.InheritedBindError, pyzmq.ZMQError)
+    assert {"Context", "Socket", "Poller", "InheritedBindError", "generation", "detection"} <= set(zmq.__all__)
+
+
+def test_send_recv_family(ctx: zmq.Context) -> None:
+    """Every send/recv variant round-trips exactly as on pyzmq."""
+    a, b = pair(ctx)
+    a.send(b"raw")
+    assert b.recv() == b"raw"
+    a.send_multipart([b"x", b"y"])
+    assert b.recv_multipart() == [b"x", b"y"]
+    a.send_json({"k": [1, 2]})
+    assert b.recv_json() == {"k": [1, 2]}
+    a.send_pyobj({1, 2})
+    assert b.recv_pyobj() == {1, 2}
+    a.send_string("žluťoučký")
+    assert b.recv_string() == "žluťoučký"
+    a.send_serialized([1, 2], lambda obj: [bytes(obj)])
+    assert b.recv_serialized(lambda frames: list(frames[0])) == [1, 2]
+    buf = bytearray(8)
+    a.send(b"into")
+    assert b.recv_into(buf) == 4 and bytes(buf[:4]) == b"into"
+
+
+def test_zero_copy_frames_and_tracking(ctx: zmq.Context) -> None:
+    """copy=False sends and receives Frames; track=True returns a MessageTracker that completes."""
+    a, b = pair(ctx)
+    payload = b"z" * 100_000
+    tracker = a.send(payload, copy=False, track=True)
+    assert isinstance(tracker, pyzmq.MessageTracker)
+    frame = b.recv(copy=False)
+    assert isinstance(frame, pyzmq.Frame) and frame.bytes == payload
+    del frame  # inproc shares the buffer: the send completes once the receiver lets go
+    tracker.wait(5)
+    assert tracker.done
+    a.send_multipart([b"p", b"q"], copy=False)
+    assert [f.bytes for f in b.recv_multipart(copy=False)] == [b"p", b"q"]
+
+
+def test_options_as_methods_and_attributes(ctx: zmq.Context) -> None:
+    """set/get, setsockopt/getsockopt, _string variants, attributes and hwm work as in pyzmq."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.setsockopt(zmq.RCVTIMEO, 123)
+    sock.set_string(zmq.ROUTING_ID, "me")
+    sock.hwm = 77
+    assert (sock.linger, sock.getsockopt(zmq.RCVTIMEO), sock.get_string(zmq.ROUTING_ID)) == (0, 123, "me")
+    assert (sock.sndhwm, sock.rcvhwm, sock.get_hwm()) == (77, 77, 77)
+    assert sock.type == zmq.DEALER and sock.socket_type == zmq.DEALER
+    assert sock.context is ctx
+    assert isinstance(sock.FD, int) and sock.fileno() == sock.FD
+    with pytest.raises(AttributeError, match="no such option: NOT_AN_OPTION"):
+        sock.not_an_option = 1
+    sock.copy_threshold = 10
+    assert sock.copy_threshold == 10
+
+
+def test_subscribe_as_method_and_attribute(ctx: zmq.Context) -> None:
+    """sub.subscribe(...) and sub.subscribe = ... both subscribe, as in pyzmq."""
+    pub = ctx.socket(zmq.PUB)
+    pub.bind("inproc://subs")
+    sub = ctx.socket(zmq.SUB)
+    sub.rcvtimeo = 5000
+    sub.subscribe("a")
+    sub.subscribe = b"b"
+    sub.connect("inproc://subs")
+    steps = [step.describe() for step in sub._recipe.steps]
+    assert steps == ["set(zmq.RCVTIMEO, 5000)", "set(zmq.SUBSCRIBE, b'a')", "set(zmq.SUBSCRIBE, b'b')", "connect('inproc://subs')"]
+
+
+def test_bind_and_connect_return_context_managers(ctx: zmq.Context) -> None:
+    """with sock.bind(...)/connect(...) unbinds/disconnects on exit, and the recipe forgets them."""
+    sock = ctx.socket(zmq.PUSH)
+    with sock.bind("tcp://127.0.0.1:*") as same:
+        assert same is sock
+        assert sock._recipe.bound_endpoints()
+    assert not sock._recipe.bound_endpoints()
+    with sock.connect("inproc://nowhere"):
+        pass
+    assert sock._recipe.steps == []
+
+
+def test_context_options_defaults_and_instance() -> None:
+    """Context options, default socket options and Context.instance() behave as in pyzmq."""
+    ctx = zmq.Context(io_threads=2)
+    try:
+        assert ctx.get(zmq.IO_THREADS) == 2
+        ctx.max_sockets = 64
+        assert ctx.max_sockets == 64
+        ctx.linger = 5  # a socket option: a default for new sockets
+        assert ctx.sockopts == {zmq.LINGER: 5}
+        sock = ctx.socket(zmq.SUB)
+        assert sock.linger == 5
+        del ctx.linger
+        assert ctx.sockopts == {}
+    finally:
+        ctx.destroy(linger=0)
+    assert ctx.closed
+    assert zmq.Context.instance() is zmq.Context.instance()
+    with pytest.raises(TypeError, match="io_threads must be an int"):
+        zmq.Context(io_threads="2")  # type: ignore[arg-type]
+
+
+ErrorCase = Callable[[Any, Any], Any]
+
+SAME_ERROR_CASES = {
+    "unknown socket type": lambda ctx, sock: ctx.socket(12345),
+    "option of the wrong type": lambda ctx, sock: sock.setsockopt(zmq.LINGER, "long"),
+    "unknown option": lambda ctx, sock: sock.setsockopt(99999, 1),
+    "invalid endpoint": lambda ctx, sock: sock.connect("nonsense"),
+    "unsupported transport": lambda ctx, sock: sock.bind("carrier-pigeon://x"),
+    "negative linger": lambda ctx, sock: sock.setsockopt(zmq.LINGER, -5),
+    "send on a closed socket": lambda ctx, sock: (sock.close(), sock.send(b"x")),
+    "option on a closed socket": lambda ctx, sock: (sock.close(), sock.get(zmq.TYPE)),
+    "socket on a terminated context": lambda ctx, sock: (sock.close(), ctx.term(), ctx.socket(zmq.PUSH)),
+    "disconnect of an unknown endpoint": lambda ctx, sock: sock.disconnect("tcp://127.0.0.1:1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAME_ERROR_CASES))
+def test_errors_are_pyzmqs(case: str) -> None:
+    """Bad input raises the same exception type, errno and message as on plain pyzmq."""
+    outcomes = []
+    for module in (pyzmq, zmq):
+        ctx = module.Context()
+        sock = ctx.socket(zmq.PUSH)
+        try:
+            SAME_ERROR_CASES[case](ctx, sock)
+        except Exception as exc:  # noqa: BLE001 - comparing whatever each raises
+            outcomes.append((type(exc), getattr(exc, "errno", None), str(exc)))
+        else:
+            outcomes.append((None, None, "no error"))
+        finally:
+            ctx.destroy(linger=0)
+    assert outcomes[0][0] is not None, f"pyzmq raised nothing for {case}"
+    assert outcomes[1] == outcomes[0]
+
+
+def test_failed_calls_are_not_recorded(ctx: zmq.Context) -> None:
+    """A setsockopt or connect that raised leaves the recipe untouched: nothing half-applied is replayed."""
+    sock = ctx.socket(zmq.SUB)
+    sock.connect("inproc://ok")
+    before = list(sock._recipe.steps)
+    for bad in (lambda: sock.set(zmq.LINGER, "x"), lambda: sock.connect("nonsense://"), lambda: sock.set(99999, 1)):
+        with pytest.raises((zmq.ZMQError, TypeError)):
+            bad()
+    assert sock._recipe.steps == before
+
+
+def test_recipe_stays_bounded_and_keeps_order(ctx: zmq.Context) -> None:
+    """Re-setting an option, unsubscribing, disconnecting and unbinding cancel earlier steps."""
+    sock = ctx.socket(zmq.SUB)
+    for value in range(1000):
+        sock.rcvtimeo = value
+        sock.subscribe(b"t")
+        sock.unsubscribe(b"t")
+        sock.connect("inproc://loop")
+        sock.disconnect("inproc://loop")
+    sock.sndhwm = 5
+    sock.connect("inproc://kept")
+    sock.sndhwm = 6
+    assert [step.describe() for step in sock._recipe.steps] == [
+        "set(zmq.RCVTIMEO, 999)",
+        "set(zmq.SNDHWM, 5)",
+        "connect('inproc://kept')",
+        "set(zmq.SNDHWM, 6)",
+    ]
+
+
+def test_secrets_never_show_in_a_recipe(ctx: zmq.Context) -> None:
+    """CURVE secret keys and PLAIN passwords are replayed but never shown."""
+    public, secret = pyzmq.curve_keypair()
+    sock = ctx.socket(zmq.DEALER)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_serverkey = public
+    other = ctx.socket(zmq.DEALER)
+    other.plain_password = b"hunter2"
+    shown = repr(sock._recipe) + repr(other._recipe) + repr(sock) + repr(other)
+    assert secret.decode() not in shown and "hunter2" not in shown
+    assert "<hidden>" in shown
+
+
+def test_monitor_socket(ctx: zmq.Context) -> None:
+    """get_monitor_socket gives a PAIR of events, disable_monitor stops it, as in pyzmq."""
+    server = ctx.socket(zmq.PULL)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    client = ctx.socket(zmq.PUSH)
+    monitor = client.get_monitor_socket()
+    monitor.rcvtimeo = 5000
+    client.connect(f"tcp://127.0.0.1:{port}")
+    from zmq.utils.monitor import recv_monitor_message
+
+    events = set()
+    while zmq.EVENT_CONNECTED not in events:
+        events.add(recv_monitor_message(monitor)["event"])
+    client.disable_monitor()
+    assert not [step for step in client._recipe.steps if step.kind == "monitor"]
+
+
+def test_poller_and_select_in_the_parent(ctx: zmq.Context) -> None:
+    """Poller and select accept zmqfork sockets and answer with them."""
+    a, b = pair(ctx)
+    poller = zmq.Poller()
+    poller.register(b, zmq.POLLIN)
+    assert poller.poll(0) == []
+    a.send(b"x")
+    assert poller.poll(1000) == [(b, zmq.POLLIN)]
+    assert zmq.select([b], [], [], 1) == ([b], [], [])
+    assert b.poll(1000) == zmq.POLLIN
