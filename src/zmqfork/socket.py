@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import zmq
 from zmq.backend import Socket as _BackendSocket
-from zmq.sugar.attrsettr import AttributeSetter
 
 from zmqfork._abandon import abandon_socket
 from zmqfork._generation import STALE, TOKEN, current_token, generation_lock
+from zmqfork._options import add_option_properties, option_for_attribute
 from zmqfork._policy import check_policy
 from zmqfork._recipe import SocketRecipe
 from zmqfork.errors import InheritedBindError, RebuildError
@@ -29,13 +29,15 @@ __all__ = ["Socket"]
 
 log = logging.getLogger("zmqfork")
 
-# The compiled backend's send: pyzmq's own Socket.send is a Python method that
-# only adds routing_id/group handling on top of it.
+# The compiled backend's send and recv: pyzmq's own Socket.send is a Python
+# method that only adds routing_id/group handling on top of it.
 _backend_send = _BackendSocket.send
+_backend_recv = _BackendSocket.recv
 _PyzmqSocket = zmq.Socket
 
 
-class Socket(AttributeSetter):
+@add_option_properties
+class Socket:
     """A ZeroMQ socket that stays usable across fork.
 
     Made by ``zmqfork.Context.socket(socket_type, on_fork=None)``.  It has the
@@ -167,7 +169,7 @@ class Socket(AttributeSetter):
         """Receive one message frame; see ``zmq.Socket.recv``."""
         if TOKEN[0] != self._token:
             self._refresh()
-        return self._sock.recv(flags, copy, track)
+        return _backend_recv(self._sock, flags, copy, track)
 
     # ---- calls that change the recipe --------------------------------------
 
@@ -314,14 +316,16 @@ class Socket(AttributeSetter):
         self._live().copy_threshold = value
 
     def __setattr__(self, key: str, value: Any) -> None:
-        # As pyzmq: sock.subscribe = b"topic" subscribes.
-        lowered = key.lower()
-        if lowered in ("subscribe", "unsubscribe") and key not in self.__dict__:
-            if isinstance(value, str):
-                value = value.encode("utf-8")
-            self.set(zmq.SUBSCRIBE if lowered == "subscribe" else zmq.UNSUBSCRIBE, value)
+        """Attributes are options, as in pyzmq: ``sock.linger = 0``, ``sock.subscribe = b"topic"``."""
+        if key in self.__dict__ or key.lower() not in ("subscribe", "unsubscribe") and any(
+            key in klass.__dict__ or key in klass.__dict__.get("__annotations__", {}) for klass in type(self).__mro__
+        ):
+            object.__setattr__(self, key, value)
             return
-        super().__setattr__(key, value)
+        option = option_for_attribute(type(self).__name__, key)
+        if option in (zmq.SUBSCRIBE, zmq.UNSUBSCRIBE) and isinstance(value, str):
+            value = value.encode("utf-8")
+        self.set(option, value)
 
     def poll(self, timeout: Optional[int] = None, flags: int = zmq.POLLIN) -> int:
         """Poll this socket for events; see ``zmq.Socket.poll``."""
