@@ -140,6 +140,8 @@ SAME_ERROR_CASES = {
     "send on a closed socket": lambda ctx, sock: (sock.close(), sock.send(b"x")),
     "option on a closed socket": lambda ctx, sock: (sock.close(), sock.get(zmq.TYPE)),
     "socket on a terminated context": lambda ctx, sock: (sock.close(), ctx.term(), ctx.socket(zmq.PUSH)),
+    "send of a str": lambda ctx, sock: sock.send("text"),
+    "recv with a bad flag type": lambda ctx, sock: sock.recv("now"),
     "disconnect of an unknown endpoint": lambda ctx, sock: sock.disconnect("tcp://127.0.0.1:1"),
 }
 

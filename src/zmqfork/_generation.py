@@ -36,6 +36,7 @@ def generation_lock(token: int) -> threading.RLock:
     lock = _locks.get(token)
     if lock is None:
         lock = _locks.setdefault(token, threading.RLock())
-        for stale in [key for key in _locks if key != token]:
-            _locks.pop(stale, None)
+        for stale in list(_locks):  # list(dict) copies atomically under the GIL
+            if stale != token:
+                _locks.pop(stale, None)
     return lock
