@@ -13,6 +13,8 @@ from typing import Any
 import zmq as _zmq
 from zmq import *  # noqa: F401,F403  - pyzmq's names, re-exported unchanged
 
+from zmqfork._afterfork import register_at_fork
+from zmqfork._generation import check_fork
 from zmqfork._policy import POLICIES
 from zmqfork._report import Detection, detection, generation
 from zmqfork._version import __version__
@@ -33,6 +35,8 @@ __all__ = [
     "Detection",
     "detection",
     "generation",
+    "register_at_fork",
+    "check_fork",
     "__version__",
 ]
 

@@ -108,7 +108,7 @@ class Context(AttributeSetter):
         log.debug("zmqfork: new context for %r in forked child", self)
 
     def _live(self) -> zmq.Context:
-        return self._current(TOKEN[0] or current_token())
+        return self._current(current_token())
 
     def _forget(self, sock: Socket) -> None:
         self._sockets.discard(sock)
