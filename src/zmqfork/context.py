@@ -44,6 +44,8 @@ class Context(AttributeSetter):
     """
 
     _instance: ClassVar[Optional[Context]] = None
+    #: What ``socket()`` makes unless told otherwise (zmqfork.asyncio makes async sockets).
+    _socket_class: ClassVar[Type[Socket]] = Socket
 
     on_fork: str
     sockopts: Dict[int, Any]
@@ -131,7 +133,7 @@ class Context(AttributeSetter):
         """
         if self.closed:
             raise zmq.ZMQError(zmq.ENOTSUP)
-        cls = Socket if socket_class is None else socket_class
+        cls = self._socket_class if socket_class is None else socket_class
         if not (isinstance(cls, type) and issubclass(cls, Socket)):
             raise TypeError(f"socket_class must be a zmqfork.Socket subclass, not {cls!r}")
         sock = cls(self, socket_type, on_fork=on_fork, copy_threshold=copy_threshold)
