@@ -1,0 +1,159 @@
+"""Forking a child by each kind of fork, for ``python -m zmqfork doctor`` and ``demo``.
+
+A child made here runs one function, writes its JSON result down a pipe and
+exits; the parent reads with a deadline and kills a child that overruns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import select
+import signal
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+__all__ = ["FORK_KINDS", "ChildOutcome", "fork_by", "unavailable_reason", "run_in_child", "wait_or_kill", "open_fds"]
+
+#: The kinds of fork, with how the report names them: Python's os.fork (atfork
+#: handlers and Python hooks), libc fork() called from C (atfork handlers
+#: only), the raw clone syscall (neither: only the wipe-on-fork page sees it).
+FORK_KINDS: Dict[str, str] = {"os": "os.fork()", "libc": "libc fork()", "raw": "raw clone syscall"}
+
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+# PyDLL keeps the GIL held across the call, so the child starts owning it.
+_libc = ctypes.PyDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def unavailable_reason(kind: str) -> Optional[str]:
+    """Why this platform cannot fork by ``kind``, or None if it can."""
+    if kind == "raw" and (not platform.system() == "Linux" or platform.machine() not in _SYS_CLONE):
+        return f"no raw clone syscall known for {platform.system()} {platform.machine()}"
+    return None
+
+
+def fork_by(kind: str) -> int:
+    """Fork by ``kind`` (a FORK_KINDS key): 0 in the child, the child's pid in the parent."""
+    if kind == "os":
+        with warnings.catch_warnings():
+            # Python 3.12+ warns that forking with threads (libzmq's) is unsafe; this is the point.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork.*")
+            return os.fork()
+    if kind == "libc":
+        pid = int(_libc.fork())
+    elif kind == "raw":
+        reason = unavailable_reason(kind)
+        if reason is not None:
+            raise OSError(reason)
+        pid = int(_libc.syscall(_SYS_CLONE[platform.machine()], int(signal.SIGCHLD), 0, 0, 0, 0))
+    else:
+        raise ValueError(f"unknown fork kind {kind!r}; choose from {', '.join(FORK_KINDS)}")
+    if pid < 0:
+        raise OSError(ctypes.get_errno(), f"{FORK_KINDS[kind]} failed")
+    return pid
+
+
+def wait_or_kill(pid: int, timeout: float) -> Optional[int]:
+    """Wait up to ``timeout`` seconds for ``pid``; kill it on overrun. Its wait status, None if killed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.005)
+
+
+@dataclass(frozen=True)
+class ChildOutcome:
+    """What a child reported: its JSON value, or an error (traceback, overrun, bad exit)."""
+
+    pid: int
+    value: Any = None
+    error: Optional[str] = None
+
+
+def run_in_child(fn: Callable[[], Any], kind: str, timeout: float) -> ChildOutcome:
+    """Fork by ``kind``, run ``fn`` in the child and return what it returned (JSON round-trip).
+
+    Never raises for a child's failure: the outcome says what went wrong.
+    """
+    read_end, write_end = os.pipe()
+    pid = fork_by(kind)
+    if pid == 0:  # child: report, then leave without running the parent's cleanup
+        code = 1
+        try:
+            os.close(read_end)
+            try:
+                payload = json.dumps({"ok": fn()}).encode()
+                code = 0
+            except BaseException:
+                payload = json.dumps({"error": traceback.format_exc()}).encode()
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(write_end, view) :]
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline = time.monotonic() + timeout
+    try:
+        data = _read_until_eof(read_end, deadline)
+    finally:
+        os.close(read_end)
+        status = wait_or_kill(pid, max(0.0, deadline - time.monotonic()) + 1.0)
+    if status is None:
+        return ChildOutcome(pid, error=f"the child did not finish within {timeout:g}s and was killed")
+    try:
+        report = json.loads(data) if data else {"error": f"the child reported nothing (wait status {status})"}
+    except ValueError:
+        report = {"error": f"the child's report was cut short (wait status {status})"}
+    if "error" in report:
+        return ChildOutcome(pid, error=str(report["error"]))
+    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+        return ChildOutcome(pid, error=f"the child exited with wait status {status}")
+    return ChildOutcome(pid, value=report["ok"])
+
+
+def _read_until_eof(fd: int, deadline: float) -> bytes:
+    chunks = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def open_fds() -> frozenset[int]:
+    """The descriptors open in this process now."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            names = os.listdir(listing)
+        except OSError:
+            continue
+        # listdir itself had one open: keep only those still open afterwards.
+        return frozenset(fd for fd in map(int, names) if _is_open(fd))
+    return frozenset(fd for fd in range(min(os.sysconf("SC_OPEN_MAX"), 65536)) if _is_open(fd))
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
