@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""zmqfork benchmarks: ``python benchmarks/run.py`` (full, several minutes) or ``--quick`` (CI smoke, < 1 min).
+
+Sections (``--only`` takes a comma-separated subset):
+
+- ``percall``  send+recv and REQ/REP per-call cost of each alternative;
+- ``forkcost`` fork() latency, parent side and child start, with 0..1000 live tcp sockets;
+- ``rebuild``  the child's first send on an inherited proxy against a hand-made rebuild;
+- ``chain``    the fork chain under ``ulimit -n 1024``;
+- ``detect``   which alternative works after os.fork / libc fork / raw clone.
+
+Prints the tables, writes JSON (default benchmarks/results/latest.json) and
+the same tables as Markdown (benchmarks/results/latest.md; ``--markdown PATH``
+to write it elsewhere, e.g. benchmarks/RESULTS.md).  Timings are reported,
+never asserted: the exit status is non-zero only if a section itself crashed.
+An alternative that fails to deliver shows as "broken".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import ALT_LABEL, ALTERNATIVES, environment, fmt_cell, fmt_ns  # noqa: E402
+
+SECTIONS = ("percall", "forkcost", "rebuild", "chain", "detect")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    def line(cells: List[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def _ratio(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+# ---- targets ------------------------------------------------------------------------------
+
+
+def targets(res: Dict[str, Any], quick: bool) -> List[Dict[str, Any]]:
+    out: List[Dict[str, Any]] = []
+
+    def add(name: str, value: Optional[float], limit: str, met: Optional[bool], text: str) -> None:
+        status = "n/a" if met is None else ("met" if met else "missed")
+        out.append({"target": name, "value": value, "limit": limit, "status": status, "text": text})
+
+    pc = res.get("percall", {}).get("cases", {}).get("pushpull-inproc-1B")
+    if pc:
+        z, p = pc["alternatives"].get("zmqfork", {}), pc["alternatives"].get("pidcheck", {})
+        r = z.get("ratio_to_raw")
+        add("per-call 1 B inproc send+recv, zmqfork / raw", r, "<= 1.00", None if r is None else r <= 1.00,
+            f"{_ratio(r)} ({fmt_ns(z.get('median'))} vs {fmt_ns(pc['alternatives']['raw'].get('median'))})")
+        sp = p["median"] / z["median"] if z.get("median") and p.get("median") else None
+        add("per-call 1 B inproc, pid-check / zmqfork (speed-up)", sp, ">= 1.30", None if sp is None else sp >= 1.30,
+            f"{_ratio(sp)} ({fmt_ns(p.get('median'))} vs {fmt_ns(z.get('median'))})")
+    fc = res.get("forkcost", {}).get("cases", {}).get("100")
+    if fc:
+        for key, label in (("parent", "parent fork() latency"), ("child", "child start")):
+            r = fc["zmqfork"][key].get("ratio_to_raw")
+            add(f"fork cost, 100 sockets, {label}, zmqfork / without", r, "<= 1.05",
+                None if r is None else r <= 1.05,
+                f"{_ratio(r)} ({fmt_ns(fc['zmqfork'][key].get('median'))} vs {fmt_ns(fc['raw'][key].get('median'))})")
+    rb = res.get("rebuild", {}).get("modes")
+    if rb:
+        r = rb["zmqfork"]["first_send"].get("ratio_to_hand")
+        ok = None if r is None or rb["zmqfork"]["failures"] else r <= 1.2
+        add("rebuild: child's first send, zmqfork / by hand", r, "<= 1.20", ok,
+            f"{_ratio(r)} ({fmt_ns(rb['zmqfork']['first_send'].get('median'))} vs "
+            f"{fmt_ns(rb['hand']['first_send'].get('median'))})"
+            + (f"; {rb['zmqfork']['failures']} failed" if rb["zmqfork"]["failures"] else ""))
+    ch = res.get("chain", {})
+    if ch.get("alternatives"):
+        z = ch["alternatives"].get("zmqfork", {})
+        gens = z.get("generations_completed")
+        cap = ch["cap"]
+        met = None if gens is None else gens >= cap + 1 if quick else gens >= 4097
+        txt = f"{gens} generations" + (f" (quick run: cap {cap}, target is 4096 in the full run)" if quick else "")
+        add("fork chain under ulimit -n 1024, zmqfork generations", gens, ">= 4096", met, txt)
+    return out
+
+
+# ---- rendering ----------------------------------------------------------------------------
+
+
+def render(result: Dict[str, Any]) -> str:
+    env = result["environment"]
+    parts = [
+        f"# zmqfork benchmarks ({'quick' if result['quick'] else 'full'} run)",
+        "",
+        f"Date: {result['date']}  ",
+        f"Machine: {env.get('cpu_model', '?')}, {env.get('cpus')} CPUs, {env.get('system')} {env.get('kernel')} "
+        f"{env.get('machine')}, {env.get('glibc')}  ",
+        f"Versions: Python {env.get('python')}, pyzmq {env.get('pyzmq')}, libzmq {env.get('libzmq')}, "
+        f"zmqfork {env.get('zmqfork')}  ",
+        f"zmqfork source: commit {env.get('git_commit')}, {env.get('zmqfork_tree')}  ",
+        f"zmqfork detection: `{env.get('zmqfork_detection')}`  ",
+        f"Command: `{result['command']}` ({result['elapsed_s']:.0f} s); load average at start "
+        f"{' '.join(env.get('loadavg_at_start', []))}, at end {' '.join(env.get('loadavg_at_end', []))} "
+        "(other work shared the machine when above ~1)",
+        "",
+        "Cells: median [interquartile range] over interleaved repetitions after warm-up; "
+        "ratios are of medians.",
+        "",
+    ]
+    res = result["sections"]
+    if result.get("targets"):
+        parts += ["## Targets", "",
+                  _table(["target", "limit", "measured", "status"],
+                         [[t["target"], t["limit"], t["text"], t["status"]] for t in result["targets"]]), ""]
+    labels = [ALT_LABEL[a] for a in ALTERNATIVES]
+    if "percall" in res and "cases" in res["percall"]:
+        pc = res["percall"]
+        rows = []
+        for case, row in pc["cases"].items():
+            cells = []
+            for alt in ALTERNATIVES:
+                c = row["alternatives"].get(alt, {})
+                if "broken" in c:
+                    cells.append(f"broken ({c['broken'][:40]})")
+                else:
+                    cells.append(f"{fmt_cell(c)} {_ratio(c.get('ratio_to_raw'))}")
+            z, p = row["alternatives"].get("zmqfork", {}), row["alternatives"].get("pidcheck", {})
+            sp = p["median"] / z["median"] if z.get("median") and p.get("median") else None
+            rows.append([case] + cells + [_ratio(sp)])
+        parts += ["## 1. Per call (ns per operation; ratio to raw pyzmq)", "",
+                  f"{pc['repetitions']} repetitions after {pc['warmup']} warm-up; iterations per repetition "
+                  f"{pc['iterations']}. An operation is one send+recv pair (PUSH/PULL) or one REQ/REP round trip.", "",
+                  _table(["case"] + labels + ["pid-check / zmqfork"], rows), ""]
+    if "forkcost" in res and "cases" in res["forkcost"]:
+        fc = res["forkcost"]
+        rows = []
+        for n, row in fc["cases"].items():
+            for key, label in (("parent", "parent fork() latency"), ("child", "child start")):
+                cells = []
+                for alt in ALTERNATIVES:
+                    c = row[alt]
+                    cells.append("error" if not c[key] else f"{fmt_cell(c[key])} {_ratio(c[key].get('ratio_to_raw'))}")
+                shape = (f"{row['raw'].get('fds', '?')} / {row['zmqfork'].get('fds', '?')} fds, "
+                         f"{row['raw'].get('rss_kib', 0) // 1024} / {row['zmqfork'].get('rss_kib', 0) // 1024} MiB, "
+                         f"{row['raw'].get('mappings', '?')} / {row['zmqfork'].get('mappings', '?')} maps")
+                rows.append([n, label, shape] + cells)
+        parts += ["## 2. Fork cost (os.fork with N live tcp sockets; ratio to the same process without zmqfork)", "",
+                  f"{fc['rounds']} interleaved worker rounds x {fc['forks_per_worker']} forks "
+                  f"({fc['warmup_forks']} warm-up forks per worker discarded). "
+                  "'raw pyzmq' = the process without zmqfork (never imported); shape = open descriptors, RSS and "
+                  "memory mappings before forking. The register_at_fork proxy rebuilds every socket in its hook, "
+                  "before the child's first instruction.", "",
+                  _table(["sockets", "measure", "shape (without / with zmqfork)"] + labels, rows), ""]
+    if "rebuild" in res and "modes" in res["rebuild"]:
+        rb = res["rebuild"]
+        names = {"hand": "by hand (new Context, PUSH, connect, send)"}
+        rows = []
+        for mode, c in rb["modes"].items():
+            rows.append([names.get(mode, ALT_LABEL.get(mode, mode) + " (send on inherited)"),
+                         f"{fmt_cell(c['first_send'])} {_ratio(c['first_send'].get('ratio_to_hand'))}",
+                         f"{fmt_cell(c['from_fork'])} {_ratio(c['from_fork'].get('ratio_to_hand'))}",
+                         str(c["failures"]) + (f" {c['failure_examples']}" if c["failures"] else "")])
+        parts += ["## 3. Rebuild latency in the child (ratio to by hand)", "",
+                  f"{rb['rounds']} interleaved worker rounds x {rb['reps_per_worker']} forks "
+                  f"({rb['warmup']} warm-up). 'first send' is timed in the child from its first instruction; "
+                  "'from fork' from the parent's stamp before fork() (includes atfork handlers and hooks).", "",
+                  _table(["child does", "first send", "from fork", "not delivered"], rows), ""]
+    if "chain" in res and "alternatives" in res["chain"]:
+        ch = res["chain"]
+        rows = []
+        for alt in ALTERNATIVES:
+            c = ch["alternatives"].get(alt, {})
+            if "error" in c:
+                rows.append([ALT_LABEL[alt], "error", "", "", "", "", "", c["error"][:80]])
+                continue
+            fpg = c.get("fds_per_generation")
+            fps = c.get("forks_per_second")
+            segs = [r for _, r in c.get("forks_per_second_by_segment", []) if r]
+            mpg, rpg = c.get("mappings_per_generation"), c.get("rss_kib_per_generation")
+            mem = "-" if mpg is None else f"{mpg:+.2f} maps, {rpg:+.1f} KiB RSS"
+            rows.append([ALT_LABEL[alt], str(c.get("generations_completed")), str(c.get("delivered")),
+                         f"{c.get('fds_first')} -> {c.get('fds_last')}",
+                         "-" if fpg is None else f"{fpg:+.2f}", mem,
+                         ("-" if fps is None else f"{fps:.0f}")
+                         + (f" ({segs[0]:.0f} -> {segs[-1]:.0f})" if len(segs) > 1 else ""),
+                         str(c.get("stopped"))[:90]])
+        parts += [f"## 4. Fork chain under ulimit -n {ch['fd_limit']} (cap {ch['cap']} generations, "
+                  f"timeout {ch['timeout_s']:.0f} s per alternative)", "",
+                  "fds/gen and memory/gen are least-squares slopes (memory sampled every 64 generations); "
+                  "forks/s is overall (first eighth of the chain -> last eighth).", "",
+                  _table(["alternative", "generations", "delivered", "fds first -> last", "fds/gen",
+                          "memory/gen", "forks/s", "stopped"], rows), ""]
+    if "detect" in res and "matrix" in res["detect"]:
+        m = res["detect"]["matrix"]
+        rows = []
+        for alt in ALTERNATIVES:
+            cells = []
+            for kind in ("os", "libc", "raw"):
+                c = m[alt][kind]
+                cells.append(c["verdict"] + (f" ({c['detail']})" if c["verdict"] != "works" and c["detail"] else ""))
+            rows.append([ALT_LABEL[alt]] + cells)
+        parts += ["## 5. Detection matrix (REQ/REP round trip on the inherited socket, run, not written down)", "",
+                  _table(["alternative", "os.fork()", "libc fork() via ctypes", "raw clone syscall"], rows), ""]
+    for name, err in result.get("errors", {}).items():
+        parts += [f"Section {name} crashed: {err.splitlines()[-1]}", ""]
+    return "\n".join(parts)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller counts, fewer repetitions (< 1 min)")
+    p.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"), help="JSON output path")
+    p.add_argument("--markdown", default=os.path.join(HERE, "results", "latest.md"), help="Markdown output path")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    a = p.parse_args(argv)
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+    t0 = time.monotonic()
+    result: Dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": a.quick,
+        "command": "python benchmarks/run.py" + (" --quick" if a.quick else "")
+        + ("" if only == list(SECTIONS) else f" --only {','.join(only)}"),
+        "environment": environment(),
+        "sections": {},
+        "errors": {},
+    }
+    runners: Dict[str, Callable[[bool, Callable[[str], None]], Dict[str, Any]]] = {}
+    for name in only:
+        module = __import__(name)
+        runners[name] = module.run
+    for name in SECTIONS:
+        if name not in runners:
+            continue
+        _log(f"== {name}")
+        t = time.monotonic()
+        try:
+            result["sections"][name] = runners[name](a.quick, _log)
+        except Exception:
+            result["errors"][name] = traceback.format_exc()
+            _log(result["errors"][name])
+        _log(f"   ({time.monotonic() - t:.1f} s)")
+    result["elapsed_s"] = time.monotonic() - t0
+    try:
+        result["environment"]["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        pass
+    result["targets"] = targets(result["sections"], a.quick)
+    text = render(result)
+    print(text)
+    for path, data in ((a.json, json.dumps(result, indent=1)), (a.markdown, text + "\n")):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(data)
+    _log(f"wrote {a.json} and {a.markdown}")
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
