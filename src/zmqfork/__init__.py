@@ -15,6 +15,7 @@ from zmq import *  # noqa: F401,F403  - pyzmq's names, re-exported unchanged
 
 from zmqfork._afterfork import register_at_fork
 from zmqfork._generation import check_fork
+from zmqfork._patching import patch, unpatch
 from zmqfork._policy import POLICIES
 from zmqfork._report import Detection, detection, generation
 from zmqfork._version import __version__
@@ -37,6 +38,8 @@ __all__ = [
     "generation",
     "register_at_fork",
     "check_fork",
+    "patch",
+    "unpatch",
     "__version__",
 ]
 

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Dict, Optional, Type, TypeVar
 from weakref import WeakSet
 
 import zmq
+from zmq.backend import Context as _BackendContext
 from zmq.sugar.attrsettr import AttributeSetter
 
 from zmqfork._abandon import abandon_context
@@ -25,6 +26,13 @@ log = logging.getLogger("zmqfork")
 
 _C = TypeVar("_C", bound="Context")
 _PyzmqContext = zmq.Context
+
+
+def _new_pyzmq_context(io_threads: int) -> zmq.Context:
+    """A plain ``zmq.Context``, made without ``zmq.Context.__new__`` (which ``zmqfork.patch()`` redirects)."""
+    zctx: zmq.Context = _BackendContext.__new__(_PyzmqContext)
+    _PyzmqContext.__init__(zctx, io_threads)
+    return zctx
 
 
 class Context(AttributeSetter):
@@ -65,7 +73,7 @@ class Context(AttributeSetter):
         self.__dict__.update(
             on_fork=policy,
             sockopts={},
-            _zctx=_PyzmqContext(io_threads),
+            _zctx=_new_pyzmq_context(io_threads),
             _token=current_token(),
             _io_threads=io_threads,
             _options={},
@@ -102,7 +110,7 @@ class Context(AttributeSetter):
         if self._closed:
             raise zmq.ZMQError(zmq.ENOTSUP)
         abandon_context(self._zctx)
-        zctx = _PyzmqContext(self._io_threads)
+        zctx = _new_pyzmq_context(self._io_threads)
         for option, value in self._options.items():
             zctx.set(option, value)
         self._zctx = zctx
