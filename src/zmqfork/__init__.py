@@ -19,10 +19,10 @@ from zmqfork._patching import patch, unpatch
 from zmqfork._policy import POLICIES
 from zmqfork._report import Detection, detection, generation
 from zmqfork._version import __version__
-from zmqfork.context import Context
+from zmqfork.context import Context  # type: ignore[assignment]  # replaces pyzmq's
 from zmqfork.errors import InheritedBindError, RebuildError
 from zmqfork.poll import Poller, select
-from zmqfork.socket import Socket
+from zmqfork.socket import Socket  # type: ignore[assignment]  # replaces pyzmq's
 
 __all__ = [
     *(name for name in _zmq.__all__ if name not in {"Context", "Socket", "Poller", "select"}),

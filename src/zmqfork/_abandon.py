@@ -8,18 +8,20 @@ including their ``__del__``, answer from Python alone.
 
 from __future__ import annotations
 
+from typing import Any
+
 import zmq
 
 __all__ = ["abandon_socket", "abandon_context"]
 
 
-def abandon_socket(sock: zmq.Socket | None) -> None:
+def abandon_socket(sock: zmq.Socket[Any] | None) -> None:
     """Make an inherited pyzmq socket behave as closed, without calling libzmq."""
     if sock is not None:
         sock._closed = True
 
 
-def abandon_context(ctx: zmq.Context | None) -> None:
+def abandon_context(ctx: zmq.Context[Any] | None) -> None:
     """Make an inherited pyzmq context and its sockets behave as closed, without calling libzmq."""
     if ctx is None:
         return

@@ -68,7 +68,7 @@ def self_test() -> List[Check]:
 
 
 def _check_fork_kind(
-    kind: str, ctx: zmqfork.Context, push: zmqfork.Socket, pull: zmqfork.Socket, libzmq_fds: List[int]
+    kind: str, ctx: Any, push: Any, pull: Any, libzmq_fds: List[int]
 ) -> List[Check]:
     label = FORK_KINDS[kind]
     reason = unavailable_reason(kind)

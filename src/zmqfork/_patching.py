@@ -57,7 +57,7 @@ class _FollowsSocket:
         self.context = context
         self._zf_follow()
 
-    def _zf_shadow(self, live: zmq.Socket) -> None:
+    def _zf_shadow(self, live: zmq.Socket[Any]) -> None:
         raise NotImplementedError  # pragma: no cover - each concrete class runs its pyzmq __init__
 
     def _zf_check(self) -> None:
@@ -183,19 +183,19 @@ class _FollowsSocket:
         return int(super().underlying)  # type: ignore[misc]
 
 
-class ForkSafeSocket(_FollowsSocket, zmq.Socket):  # type: ignore[misc]
+class ForkSafeSocket(_FollowsSocket, zmq.Socket[Any]):  # type: ignore[misc]
     """A ``zmq.Socket`` made while patched: rebuilt in a forked child like ``zmqfork.Socket``."""
 
-    def _zf_shadow(self, live: zmq.Socket) -> None:
+    def _zf_shadow(self, live: zmq.Socket[Any]) -> None:
         zmq.Socket.__init__(self, shadow=live)
 
 
 class ForkSafeAsyncSocket(_FollowsSocket, zmq.asyncio.Socket):  # type: ignore[misc]
     """A ``zmq.asyncio.Socket`` made while patched; pending awaitables of the parent stay with the parent."""
 
-    def _zf_shadow(self, live: zmq.Socket) -> None:
+    def _zf_shadow(self, live: zmq.Socket[Any]) -> None:
         # pyzmq's own __init__: fresh future queues; the loop is found again on first use.
-        zmq.asyncio.Socket.__init__(self, _from_socket=live)
+        zmq.asyncio.Socket.__init__(self, _from_socket=live)  # type: ignore[call-overload]  # _AsyncSocket's
         self._current_loop = None
 
 
@@ -216,7 +216,7 @@ class _FollowsContext:
             live = self._zf_proxy._live()
             self._zf_token = self._zf_proxy._token
             # Point pyzmq's handle at the child's context; default options and the socket list stay.
-            _BackendContext.__init__(self, shadow=live.underlying)
+            _BackendContext.__init__(self, shadow=live.underlying)  # type: ignore[arg-type]  # a mixin of it
 
     def socket(self, socket_type: int, socket_class: Any = None, **kwargs: Any) -> Any:
         """Create a socket; fork-safe unless ``socket_class`` is some other pyzmq class."""
@@ -238,7 +238,7 @@ class _FollowsContext:
 
     def destroy(self, linger: Optional[int] = None) -> None:
         """Close this context's sockets (with ``linger`` if given), then terminate it."""
-        if self.closed:  # type: ignore[has-type]
+        if self.closed:
             return
         for sock in list(getattr(self, "_sockets", None) or ()):
             if not sock.closed:
@@ -252,16 +252,16 @@ class _FollowsContext:
         return int(super().underlying)  # type: ignore[misc]
 
 
-class ForkSafeContext(_FollowsContext, zmq.Context):  # type: ignore[misc]
+class ForkSafeContext(_FollowsContext, zmq.Context[Any]):
     """A ``zmq.Context`` made while patched; its sockets are ``ForkSafeSocket``."""
 
     _socket_class = ForkSafeSocket
 
 
-class ForkSafeAsyncContext(_FollowsContext, zmq.asyncio.Context):  # type: ignore[misc]
+class ForkSafeAsyncContext(_FollowsContext, zmq.asyncio.Context):
     """A ``zmq.asyncio.Context`` made while patched; its sockets are ``ForkSafeAsyncSocket``."""
 
-    _socket_class = ForkSafeAsyncSocket
+    _socket_class = ForkSafeAsyncSocket  # type: ignore[assignment]  # a subclass, as pyzmq expects
 
 
 # ---- the patch ---------------------------------------------------------------
@@ -276,13 +276,13 @@ _saved: List[Tuple[type, str, Any]] = []
 def _new_context(cls: type, *args: Any, **kwargs: Any) -> Any:
     shadowing = kwargs.get("shadow") or (args and isinstance(args[0], zmq.Context))
     target = _CONTEXT_CLASSES.get(cls) if not shadowing else None
-    return _BackendContext.__new__(target or cls)  # type: ignore[call-overload]
+    return _BackendContext.__new__(target or cls)
 
 
 def _new_socket(cls: type, *args: Any, **kwargs: Any) -> Any:
     context = args[0] if args else kwargs.get("ctx_or_socket", kwargs.get("context"))
     target = _SOCKET_CLASSES.get(cls) if isinstance(context, _FollowsContext) and not kwargs.get("shadow") else None
-    return _BackendSocket.__new__(target or cls)  # type: ignore[call-overload]
+    return _BackendSocket.__new__(target or cls)
 
 
 def _checking_poll(poll: Callable[..., Any]) -> Callable[..., Any]:

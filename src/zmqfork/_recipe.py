@@ -139,7 +139,7 @@ class SocketRecipe:
         """
         return [step.resolved for step in self.steps if step.kind == "bind" and not _is_inproc(step)]
 
-    def replay(self, sock: zmq.Socket, *, rebind: bool) -> None:
+    def replay(self, sock: zmq.Socket[Any], *, rebind: bool) -> None:
         """Apply every step to a fresh pyzmq socket, binds only if ``rebind``.
 
         Raises RebuildError naming the step that failed.
@@ -151,7 +151,7 @@ class SocketRecipe:
                 raise RebuildError(step.describe(), exc) from None
 
 
-def _apply(sock: zmq.Socket, step: Step, rebind: bool) -> None:
+def _apply(sock: zmq.Socket[Any], step: Step, rebind: bool) -> None:
     kind = step.kind
     if kind == "set":
         sock.set(step.option, step.value)

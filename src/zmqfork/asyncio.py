@@ -44,7 +44,7 @@ class Socket(_Socket):
         if self._closed:
             raise zmq.ZMQError(zmq.ENOTSUP)
         aio = self._aio
-        if aio is None or aio._shadow_sock is not live:
+        if aio is None or _shadowed(aio) is not live:
             if aio is not None:
                 # The parent's shadow: its event loop and its libzmq socket are not ours to touch.
                 abandon_socket(aio)
@@ -59,7 +59,7 @@ class Socket(_Socket):
         """Send one message frame; an awaitable, see ``zmq.asyncio.Socket.send``."""
         return self._aio_socket().send(data, flags, copy, track, **kwargs)
 
-    def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Awaitable[Any]:  # type: ignore[override]
+    def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Awaitable[Any]:
         """Receive one message frame; an awaitable, see ``zmq.asyncio.Socket.recv``."""
         return self._aio_socket().recv(flags, copy, track)
 
@@ -81,7 +81,8 @@ class Socket(_Socket):
 
     def poll(self, timeout: Optional[int] = None, flags: int = zmq.POLLIN) -> Awaitable[int]:  # type: ignore[override]
         """Poll this socket for events; an awaitable of the event mask, see ``zmq.asyncio.Socket.poll``."""
-        return self._aio_socket().poll(timeout, flags)
+        poll: Any = self._aio_socket().poll  # pyzmq's stub types it as the Poller's
+        return poll(timeout, flags)  # type: ignore[no-any-return]
 
     def get(self, option: int) -> Any:
         """Get a socket option; reading ``zmq.EVENTS`` wakes pending awaitables, as in ``zmq.asyncio``."""
@@ -103,7 +104,7 @@ class Socket(_Socket):
         libzmq and leaves the parent's event loop alone.
         """
         aio = self._aio
-        if aio is not None and not self._closed and TOKEN[0] == self._token and aio._shadow_sock is self._sock:
+        if aio is not None and not self._closed and TOKEN[0] == self._token and _shadowed(aio) is self._sock:
             # pyzmq's own close: cancels pending futures, leaves the loop, closes the libzmq socket.
             aio.close(linger)
             abandon_socket(self._sock)  # closed just now, through its shadow
@@ -111,6 +112,11 @@ class Socket(_Socket):
 
     def __repr__(self) -> str:
         return "<zmqfork.asyncio" + super().__repr__()[len("<zmqfork") :]
+
+
+def _shadowed(aio: zmq.asyncio.Socket) -> Any:
+    """The pyzmq socket a zmq.asyncio.Socket made by ``from_socket`` does its I/O on."""
+    return aio._shadow_sock
 
 
 class Context(_Context):

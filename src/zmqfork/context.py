@@ -28,9 +28,9 @@ _C = TypeVar("_C", bound="Context")
 _PyzmqContext = zmq.Context
 
 
-def _new_pyzmq_context(io_threads: int) -> zmq.Context:
+def _new_pyzmq_context(io_threads: int) -> zmq.Context[Any]:
     """A plain ``zmq.Context``, made without ``zmq.Context.__new__`` (which ``zmqfork.patch()`` redirects)."""
-    zctx: zmq.Context = _BackendContext.__new__(_PyzmqContext)
+    zctx: zmq.Context[Any] = _BackendContext.__new__(_PyzmqContext)
     _PyzmqContext.__init__(zctx, io_threads)
     return zctx
 
@@ -57,7 +57,7 @@ class Context(AttributeSetter):
 
     on_fork: str
     sockopts: Dict[int, Any]
-    _zctx: zmq.Context
+    _zctx: zmq.Context[Any]
     _token: int
     _io_threads: int
     _options: Dict[int, Any]
@@ -94,11 +94,11 @@ class Context(AttributeSetter):
                 if inst is None or inst.closed:
                     inst = cls(io_threads)
                     cls._instance = inst
-        return inst  # type: ignore[no-any-return]
+        return inst
 
     # ---- generation check and rebuild -----------------------------------
 
-    def _current(self, token: int) -> zmq.Context:
+    def _current(self, token: int) -> zmq.Context[Any]:
         """The pyzmq context of generation ``token``, built on first use in a child."""
         if self._token != token:
             with generation_lock(token):
@@ -117,7 +117,7 @@ class Context(AttributeSetter):
         self._token = token
         log.debug("zmqfork: new context for %r in forked child", self)
 
-    def _live(self) -> zmq.Context:
+    def _live(self) -> zmq.Context[Any]:
         return self._current(current_token())
 
     def _forget(self, sock: Socket) -> None:

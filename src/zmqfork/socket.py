@@ -49,7 +49,7 @@ class Socket:
     """
 
     _ctx: Context
-    _sock: zmq.Socket
+    _sock: zmq.Socket[Any]
     _token: int
     _type: int
     _on_fork: str
@@ -93,7 +93,7 @@ class Socket:
 
     # ---- generation check and rebuild -----------------------------------
 
-    def _live(self) -> zmq.Socket:
+    def _live(self) -> zmq.Socket[Any]:
         """The pyzmq socket of this process generation, rebuilt if needed."""
         if TOKEN[0] != self._token:
             self._refresh()
@@ -162,8 +162,8 @@ class Socket:
         if TOKEN[0] != self._token:
             self._refresh()
         if routing_id is None and group is None:
-            return _backend_send(self._sock, data, flags, copy, track)  # type: ignore[no-any-return]
-        return self._sock.send(data, flags, copy, track, routing_id, group)  # type: ignore[call-overload,no-any-return]
+            return _backend_send(self._sock, data, flags, copy, track)
+        return self._sock.send(data, flags, copy, track, routing_id, group)  # type: ignore[no-any-return]
 
     def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
         """Receive one message frame; see ``zmq.Socket.recv``."""
@@ -193,7 +193,7 @@ class Socket:
         """
         self._live().connect(addr)
         self._recipe.record_connect(addr)
-        return self._connect_cm(addr)
+        return self._connect_cm(addr)  # type: ignore[misc]  # pyzmq's, run on this proxy
 
     def disconnect(self, addr: str) -> None:
         """Disconnect from ``addr``; the connect is then no longer replayed."""
@@ -208,8 +208,8 @@ class Socket:
         sock = self._live()
         sock.bind(addr)
         resolved = sock.get(zmq.LAST_ENDPOINT)
-        self._recipe.record_bind(addr, resolved.decode("utf-8", "replace") if resolved else addr)
-        return self._bind_cm(addr)
+        self._recipe.record_bind(addr, resolved.decode("utf-8", "replace") if isinstance(resolved, bytes) else addr)
+        return self._bind_cm(addr)  # type: ignore[misc]  # pyzmq's, run on this proxy
 
     def unbind(self, addr: str) -> None:
         """Unbind from ``addr``."""
