@@ -254,7 +254,7 @@ def _reap_all(deadline: float) -> int:
 
 
 def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
-    cap, timeout = (300, 12.0) if quick else (4096, 150.0)
+    cap, timeout = (300, 12.0) if quick else (4096, 300.0)
     out: Dict[str, Any] = {"cap": cap, "timeout_s": timeout, "fd_limit": FD_LIMIT, "alternatives": {}}
     for alt in ALTS:
         cmd = [sys.executable, os.path.abspath(__file__), "--runner", "--alt", alt,
