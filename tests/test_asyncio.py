@@ -188,3 +188,14 @@ def test_close_cancels_pending_awaitables(actx: zaio.Context) -> None:
     assert run(main()) is True
     with pytest.raises(zmq.ZMQError):
         pull.recv()
+
+
+def test_zmqfork_asyncio_attribute_is_zmqforks_own() -> None:
+    """``zmqfork.asyncio`` reached as an attribute is zmqfork's module, never pyzmq's zmq.asyncio."""
+    import importlib
+    import subprocess
+    import sys
+
+    code = "import zmqfork; assert zmqfork.asyncio.__name__ == 'zmqfork.asyncio', zmqfork.asyncio"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert importlib.import_module("zmqfork").asyncio is zaio

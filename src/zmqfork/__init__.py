@@ -8,6 +8,7 @@ pyzmq's own.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import zmq as _zmq
@@ -45,5 +46,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Names pyzmq resolves lazily (submodules, DRAFT names) are pyzmq's."""
+    """Names pyzmq resolves lazily (submodules, DRAFT names) are pyzmq's, except zmqfork's own ``asyncio``."""
+    if name == "asyncio":  # never hand out pyzmq's zmq.asyncio, which is not fork-safe
+        return importlib.import_module("zmqfork.asyncio")
     return getattr(_zmq, name)
