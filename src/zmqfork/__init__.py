@@ -9,14 +9,13 @@ pyzmq's own.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq as _zmq
 from zmq import *  # noqa: F401,F403  - pyzmq's names, re-exported unchanged
 
 from zmqfork._afterfork import register_at_fork
 from zmqfork._generation import check_fork
-from zmqfork._patching import patch, unpatch
 from zmqfork._policy import POLICIES
 from zmqfork._report import Detection, detection, generation
 from zmqfork._version import __version__
@@ -45,8 +44,18 @@ __all__ = [
 ]
 
 
+if TYPE_CHECKING:
+    from zmqfork._patching import patch, unpatch
+
+# Loaded on first use: patching imports asyncio (and with it ssl, subprocess,
+# ...), which would make every process that imports zmqfork bigger and so
+# every fork slower.
+_LAZY = {"patch": "zmqfork._patching", "unpatch": "zmqfork._patching", "asyncio": "zmqfork.asyncio"}
+
+
 def __getattr__(name: str) -> Any:
     """Names pyzmq resolves lazily (submodules, DRAFT names) are pyzmq's, except zmqfork's own ``asyncio``."""
-    if name == "asyncio":  # never hand out pyzmq's zmq.asyncio, which is not fork-safe
-        return importlib.import_module("zmqfork.asyncio")
+    if name in _LAZY:  # never hand out pyzmq's zmq.asyncio, which is not fork-safe
+        module = importlib.import_module(_LAZY[name])
+        return module if name == "asyncio" else getattr(module, name)
     return getattr(_zmq, name)
