@@ -11,6 +11,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import zmqfork  # noqa: E402
+from forking import kill_leftover_children  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_child_left_behind() -> Iterator[None]:
+    """After every test, even one interrupted by a timeout, kill the children it did not reap."""
+    yield
+    leftovers = kill_leftover_children()
+    assert not leftovers, f"{leftovers} forked child(ren) were still running after the test"
 
 
 @pytest.fixture

@@ -18,7 +18,17 @@ import traceback
 import warnings
 from typing import Any, Callable, Iterator, Tuple
 
-__all__ = ["FORK_KINDS", "Child", "ChildFailed", "fd_numbers", "fork_with", "run_in_child", "start_child", "wait_child"]
+__all__ = [
+    "FORK_KINDS",
+    "Child",
+    "ChildFailed",
+    "fd_numbers",
+    "fork_with",
+    "kill_leftover_children",
+    "run_in_child",
+    "start_child",
+    "wait_child",
+]
 
 #: How a child can be made: Python's os.fork (atfork handlers + Python hooks),
 #: libc fork() through ctypes (atfork handlers only), a raw clone syscall
@@ -30,6 +40,13 @@ _SYS_CLONE = {"x86_64": 56, "aarch64": 220}
 _libc = ctypes.PyDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _SIGCHLD = int(signal.SIGCHLD)
+
+
+# Process groups of the children start_child made and has not reaped yet.
+# Each test child leads its own group, which its descendants join, so that
+# one killpg() ends a whole family even if the test itself was interrupted.
+_live_groups: set = set()
+_is_test_child = False
 
 
 class ChildFailed(AssertionError):
@@ -66,7 +83,7 @@ def wait_child(pid: int, timeout: float) -> int:
         if done:
             return status
         if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
+            _kill_group(pid)
             os.waitpid(pid, 0)
             raise ChildFailed(f"child {pid} did not finish within {timeout}s and was killed")
         time.sleep(0.005)
@@ -103,6 +120,7 @@ class Child:
         finally:
             os.close(self._read_end)
         status = wait_child(self.pid, timeout)
+        _live_groups.discard(self.pid)
         where = f"child {self.pid} ({self.kind} fork)"
         if not data:
             raise ChildFailed(f"{where} reported nothing; wait status {status}")
@@ -116,11 +134,16 @@ class Child:
 
 def start_child(fn: Callable[[], Any], *, kind: str = "os") -> Child:
     """Fork by ``kind`` and run ``fn`` in the child, which then exits; returns at once in the parent."""
+    global _is_test_child
     read_end, write_end = os.pipe()
     pid = fork_with(kind)
     if pid == 0:  # child
         code = 1
         try:
+            if not _is_test_child:
+                os.setpgid(0, 0)
+                _is_test_child = True
+            _live_groups.clear()
             os.close(read_end)
             try:
                 payload = pickle.dumps(("ok", fn()))
@@ -133,7 +156,37 @@ def start_child(fn: Callable[[], Any], *, kind: str = "os") -> Child:
         finally:
             os._exit(code)
     os.close(write_end)
+    if not _is_test_child:
+        try:
+            os.setpgid(pid, pid)  # also here: no race with the child's own call
+        except OSError:
+            pass  # the child already exited (or already did it)
+        _live_groups.add(pid)
     return Child(pid, read_end, kind)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        if pid in _live_groups:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def kill_leftover_children() -> int:
+    """Kill and reap every child family start_child made and nobody waited for; returns how many."""
+    killed = 0
+    for pid in list(_live_groups):
+        _kill_group(pid)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        _live_groups.discard(pid)
+        killed += 1
+    return killed
 
 
 def run_in_child(fn: Callable[[], Any], *, kind: str = "os", timeout: float = 30.0) -> Any:
