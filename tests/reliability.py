@@ -80,8 +80,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 class EchoServer:
     """A ROUTER on tcp served by a thread: every message comes back to its sender unchanged.
 
-    ``endpoint`` is where to connect; ``served`` counts echoed messages;
-    ``errors`` collects whatever the thread raised.  ``stop()`` joins it.
+    ``endpoint`` is where to connect; ``received`` lists the echoed messages
+    (last frame of each); ``errors`` collects whatever the thread raised.
+    ``stop()`` joins it.
     """
 
     def __init__(self, ctx: zmq.Context) -> None:
@@ -90,6 +91,7 @@ class EchoServer:
         port = self.router.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.served = 0
+        self.received: List[bytes] = []
         self.errors: List[BaseException] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="echo-server", daemon=True)
@@ -105,6 +107,7 @@ class EchoServer:
                         except zmq.Again:
                             break
                         self.router.send_multipart(frames)
+                        self.received.append(frames[-1])
                         self.served += 1
         except BaseException as exc:  # noqa: BLE001 - reported by stop()
             self.errors.append(exc)
