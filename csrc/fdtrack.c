@@ -1,10 +1,770 @@
 /*
- * fdtrack.c - descriptor tracking's part of the fork handlers.
+ * fdtrack.c - the table of descriptors libzmq owns, the wrappers that keep it
+ * (patched into libzmq's GOT by elfhook.c), and descriptor tracking's part of
+ * the fork handlers.
  *
- * Contract: see internal.h.  Not built yet: tracking is reported as off.
+ * Contract: see zmqfork.h (exported functions) and internal.h (handlers).
+ *
+ * Invariants
+ *   - A descriptor is in the table iff a hooked call of the hooked object
+ *     created it (or dup2/dup3'd onto it) and no hooked close() removed it.
+ *   - close() removes the number from the table *before* the real close, so a
+ *     number another thread gets back from the kernel right after is never in
+ *     the table by mistake.
+ *   - The real call and its table update happen inside the *gate*; the
+ *     prepare handler closes the gate and waits until no call is inside, so
+ *     in the child the table says exactly which descriptors are libzmq's.
+ *
+ * The gate: `inflight` counts calls inside; `pending` counts forks between
+ *   their prepare and parent handlers.  A call increments `inflight`, then
+ *   checks `pending`; if a fork is pending it backs out and sleeps on a futex
+ *   until the parent handler reopens the gate.  Prepare increments `pending`,
+ *   then sleeps until `inflight` is zero.  Both sides store, then load, with
+ *   sequentially consistent atomics, so at least one sees the other.  Only
+ *   atomics and futex syscalls: async-signal-safe, no allocation, no locks a
+ *   dead thread could hold.  A hooked call that blocks (accept on a blocking
+ *   listener, open of a FIFO) would hold a fork back until it returns;
+ *   libzmq makes all of these calls on non-blocking descriptors.
+ *
+ * Forks that skip the handlers (raw clone, _Fork): the child finds the gate
+ *   in whatever state the parent's threads left it, and the fork was not
+ *   atomic with hooked calls.  The wiped token tells: every hooked call first
+ *   compares the token with `table_token` (the token under which the table
+ *   was last made right); on a mismatch it runs zmqfork_refresh(), whose
+ *   winner runs the cleanup (zmqfork__fdtrack_child), and waits until the
+ *   cleanup is published.  So no descriptor made in such a child is tracked
+ *   before the inherited ones are closed, and the cleanup can reset the gate:
+ *   no thread of the child is inside it.  Limit: a hooked call that was in
+ *   flight in the parent at the moment of such a fork can leave that one
+ *   descriptor open, untracked, in the child.
+ *
+ * The table: a bitmap indexed by descriptor number, mmap'd once at install
+ *   and sized by the hard RLIMIT_NOFILE (capped), plus a few overflow slots
+ *   for numbers beyond it; numbers beyond both are counted as untracked.
  */
+#define _GNU_SOURCE
+#include "zmqfork.h"
 #include "internal.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+/* Published install outcome: written under install_lock, once. */
+static int status = ZMQFORK_FDTRACK_ENOTINSTALLED;
+static char reason[768] = "not installed";
+static char object_name[4096];
+static char functions[256];
+static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* A failure: its code and message, built before anything is published. */
+struct failure {
+    int code;
+    char message[sizeof reason];
+};
+
+static __attribute__((format(printf, 3, 4), unused)) int fail(struct failure *f, int code,
+                                                      const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(f->message, sizeof f->message, fmt, ap);
+    va_end(ap);
+    f->code = code;
+    return code;
+}
+
+#ifdef __linux__
+
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <link.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <stdint.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* ---- the table -------------------------------------------------------- */
+
+#define TABLE_MIN_BITS 4096u
+#define TABLE_MAX_BITS (1u << 24) /* 2 MiB of address space, touched only where used */
+#define OVERFLOW_SLOTS 64
+
+static uint64_t *bitmap;      /* NULL until install; then never changes */
+static unsigned int nbits;    /* bitmap size in descriptors, a multiple of 64 */
+static unsigned int high;     /* one more than the highest number ever tracked */
+static int overflow[OVERFLOW_SLOTS];
+static long tracked_now;
+static long closed_last;
+static long closed_total;
+static long untracked;
+
+/* Maps the table; returns 0 or an errno value. */
+static int table_init(void)
+{
+    struct rlimit limit;
+    uint64_t want = TABLE_MIN_BITS;
+    if (getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_max == RLIM_INFINITY ||
+        limit.rlim_max > TABLE_MAX_BITS)
+        want = TABLE_MAX_BITS;
+    else if (limit.rlim_max > want)
+        want = limit.rlim_max;
+    want = (want + 63) & ~(uint64_t)63;
+    void *map = mmap(NULL, want / 8, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (map == MAP_FAILED)
+        return errno;
+    for (int i = 0; i < OVERFLOW_SLOTS; i++)
+        overflow[i] = -1;
+    nbits = (unsigned int)want;
+    __atomic_store_n(&bitmap, (uint64_t *)map, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static void track(int fd)
+{
+    if (fd < 0)
+        return;
+    if ((unsigned int)fd < nbits) {
+        uint64_t bit = (uint64_t)1 << (fd & 63);
+        uint64_t old = __atomic_fetch_or(&bitmap[fd >> 6], bit, __ATOMIC_RELAXED);
+        if (!(old & bit))
+            __atomic_add_fetch(&tracked_now, 1, __ATOMIC_RELAXED);
+        unsigned int seen = __atomic_load_n(&high, __ATOMIC_RELAXED);
+        while ((unsigned int)fd >= seen &&
+               !__atomic_compare_exchange_n(&high, &seen, (unsigned int)fd + 1, 1,
+                                            __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+        }
+        return;
+    }
+    for (int i = 0; i < OVERFLOW_SLOTS; i++) {
+        int expected = -1;
+        if (__atomic_compare_exchange_n(&overflow[i], &expected, fd, 0, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+            __atomic_add_fetch(&tracked_now, 1, __ATOMIC_RELAXED);
+            return;
+        }
+        if (expected == fd)
+            return;
+    }
+    __atomic_add_fetch(&untracked, 1, __ATOMIC_RELAXED);
+}
+
+static void untrack(int fd)
+{
+    if (fd < 0)
+        return;
+    if ((unsigned int)fd < nbits) {
+        uint64_t bit = (uint64_t)1 << (fd & 63);
+        uint64_t old = __atomic_fetch_and(&bitmap[fd >> 6], ~bit, __ATOMIC_RELAXED);
+        if (old & bit)
+            __atomic_sub_fetch(&tracked_now, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    for (int i = 0; i < OVERFLOW_SLOTS; i++) {
+        int expected = fd;
+        if (__atomic_compare_exchange_n(&overflow[i], &expected, -1, 0, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+            __atomic_sub_fetch(&tracked_now, 1, __ATOMIC_RELAXED);
+            return;
+        }
+    }
+}
+
+static int is_tracked(int fd)
+{
+    if (fd < 0 || bitmap == NULL)
+        return 0;
+    if ((unsigned int)fd < nbits)
+        return (__atomic_load_n(&bitmap[fd >> 6], __ATOMIC_RELAXED) >> (fd & 63)) & 1;
+    for (int i = 0; i < OVERFLOW_SLOTS; i++)
+        if (__atomic_load_n(&overflow[i], __ATOMIC_RELAXED) == fd)
+            return 1;
+    return 0;
+}
+
+/* ---- the gate --------------------------------------------------------- */
+
+static unsigned int inflight;
+static unsigned int pending;
+static volatile uint64_t *token_ptr; /* zmqfork_token(), set at install */
+static uint64_t table_token;          /* token under which the table is right */
+
+static void futex_wait(unsigned int *word, unsigned int value)
+{
+    (void)syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+}
+
+static void futex_wake_all(unsigned int *word)
+{
+    (void)syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* A fork without handlers happened: clean up (once) and wait for it. */
+static __attribute__((noinline, cold)) void catch_up(void)
+{
+    int saved = errno;
+    uint64_t current = zmqfork_refresh();
+    while (__atomic_load_n(&table_token, __ATOMIC_ACQUIRE) != current)
+        sched_yield();
+    errno = saved;
+}
+
+static __attribute__((noinline, cold)) void wait_for_fork(void)
+{
+    int saved = errno;
+    unsigned int seen;
+    while ((seen = __atomic_load_n(&pending, __ATOMIC_SEQ_CST)) != 0)
+        futex_wait(&pending, seen);
+    errno = saved;
+}
+
+static __attribute__((noinline, cold)) void wake_preparer(void)
+{
+    int saved = errno;
+    futex_wake_all(&inflight);
+    errno = saved;
+}
+
+static inline void leave(void)
+{
+    if (__atomic_sub_fetch(&inflight, 1, __ATOMIC_SEQ_CST) == 0 &&
+        __atomic_load_n(&pending, __ATOMIC_SEQ_CST) != 0)
+        wake_preparer();
+}
+
+static inline void enter(void)
+{
+    if (__builtin_expect(*token_ptr != __atomic_load_n(&table_token, __ATOMIC_ACQUIRE), 0))
+        catch_up();
+    for (;;) {
+        __atomic_add_fetch(&inflight, 1, __ATOMIC_SEQ_CST);
+        if (__builtin_expect(__atomic_load_n(&pending, __ATOMIC_SEQ_CST) == 0, 1))
+            return;
+        leave();
+        wait_for_fork();
+    }
+}
+
+/* ---- the wrappers: the real call and the table update, inside the gate ---- */
+
+/* The body of a wrapper whose call returns one new descriptor or -1. */
+#define CREATE(call)                                                                        \
+    enter();                                                                                \
+    int fd_ = (call);                                                                       \
+    track(fd_);                                                                             \
+    leave();                                                                                \
+    return fd_
+
+static int hook_socket(int domain, int type, int protocol)
+{
+    CREATE(socket(domain, type, protocol));
+}
+
+static int hook_accept(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    CREATE(accept(fd, addr, len));
+}
+
+static int hook_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
+{
+    CREATE(accept4(fd, addr, len, flags));
+}
+
+static int hook_eventfd(unsigned int initval, int flags)
+{
+    CREATE(eventfd(initval, flags));
+}
+
+static int hook_epoll_create1(int flags)
+{
+    CREATE(epoll_create1(flags));
+}
+
+static int hook_epoll_create(int size)
+{
+    CREATE(epoll_create(size));
+}
+
+static int hook_dup(int fd)
+{
+    CREATE(dup(fd));
+}
+
+/* open's mode is read only when the flags say it was passed. */
+static mode_t open_mode(int flags, va_list ap)
+{
+    if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE)
+        return (mode_t)va_arg(ap, int);
+    return 0;
+}
+
+static int hook_open(const char *path, int flags, ...)
+{
+    va_list ap;
+    va_start(ap, flags);
+    mode_t mode = open_mode(flags, ap);
+    va_end(ap);
+    CREATE(open(path, flags, mode));
+}
+
+#ifdef __GLIBC__
+/* glibc's _FORTIFY_SOURCE entry points, which an object may import instead. */
+extern int __open_2(const char *path, int flags);
+extern int __open64_2(const char *path, int flags);
+
+static int hook_open64(const char *path, int flags, ...)
+{
+    va_list ap;
+    va_start(ap, flags);
+    mode_t mode = open_mode(flags, ap);
+    va_end(ap);
+    CREATE(open64(path, flags, mode));
+}
+
+static int hook_open_2(const char *path, int flags)
+{
+    CREATE(__open_2(path, flags));
+}
+
+static int hook_open64_2(const char *path, int flags)
+{
+    CREATE(__open64_2(path, flags));
+}
+#endif
+
+static int hook_pair(int rc, const int fds[2])
+{
+    if (rc == 0) {
+        track(fds[0]);
+        track(fds[1]);
+    }
+    return rc;
+}
+
+static int hook_socketpair(int domain, int type, int protocol, int fds[2])
+{
+    enter();
+    int rc = hook_pair(socketpair(domain, type, protocol, fds), fds);
+    leave();
+    return rc;
+}
+
+static int hook_pipe(int fds[2])
+{
+    enter();
+    int rc = hook_pair(pipe(fds), fds);
+    leave();
+    return rc;
+}
+
+static int hook_pipe2(int fds[2], int flags)
+{
+    enter();
+    int rc = hook_pair(pipe2(fds, flags), fds);
+    leave();
+    return rc;
+}
+
+/* dup2/dup3 onto a number makes that number libzmq's; dup2(fd, fd) changes nothing. */
+static int hook_dup2(int fd, int target)
+{
+    enter();
+    int rc = dup2(fd, target);
+    if (rc >= 0 && fd != target)
+        track(rc);
+    leave();
+    return rc;
+}
+
+static int hook_dup3(int fd, int target, int flags)
+{
+    enter();
+    int rc = dup3(fd, target, flags);
+    track(rc);
+    leave();
+    return rc;
+}
+
+static int hook_close(int fd)
+{
+    enter();
+    untrack(fd); /* before the real close: the number may be reused at once */
+    int rc = close(fd);
+    leave();
+    return rc;
+}
+
+struct hook {
+    const char *name;
+    void *wrapper;
+    int closes; /* 1 for close: without it the table would go stale */
+};
+
+static const struct hook hooks[] = {
+    {"socket", (void *)hook_socket, 0},
+    {"accept", (void *)hook_accept, 0},
+    {"accept4", (void *)hook_accept4, 0},
+    {"eventfd", (void *)hook_eventfd, 0},
+    {"epoll_create1", (void *)hook_epoll_create1, 0},
+    {"epoll_create", (void *)hook_epoll_create, 0},
+    {"socketpair", (void *)hook_socketpair, 0},
+    {"pipe", (void *)hook_pipe, 0},
+    {"pipe2", (void *)hook_pipe2, 0},
+    {"dup", (void *)hook_dup, 0},
+    {"dup2", (void *)hook_dup2, 0},
+    {"dup3", (void *)hook_dup3, 0},
+    {"open", (void *)hook_open, 0},
+#ifdef __GLIBC__
+    {"open64", (void *)hook_open64, 0},
+    {"__open_2", (void *)hook_open_2, 0},
+    {"__open64_2", (void *)hook_open64_2, 0},
+#endif
+    {"close", (void *)hook_close, 1},
+};
+#define NHOOKS (sizeof hooks / sizeof hooks[0])
+#define MAX_SLOTS_PER_HOOK 8
+
+/* ---- the fork handlers' part -------------------------------------------- */
+
+void zmqfork__fdtrack_prepare(void)
+{
+    int saved = errno;
+    __atomic_add_fetch(&pending, 1, __ATOMIC_SEQ_CST);
+    unsigned int seen;
+    while ((seen = __atomic_load_n(&inflight, __ATOMIC_SEQ_CST)) != 0)
+        futex_wait(&inflight, seen);
+    errno = saved;
+}
+
+void zmqfork__fdtrack_parent(void)
+{
+    int saved = errno;
+    if (__atomic_sub_fetch(&pending, 1, __ATOMIC_SEQ_CST) == 0)
+        futex_wake_all(&pending);
+    errno = saved;
+}
+
+void zmqfork__fdtrack_child(void)
+{
+    int saved = errno;
+    /* No other thread of this process is inside the gate (see the top). */
+    __atomic_store_n(&inflight, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pending, 0, __ATOMIC_SEQ_CST);
+    uint64_t *map = __atomic_load_n(&bitmap, __ATOMIC_ACQUIRE);
+    if (map != NULL) {
+        long closed = 0;
+        unsigned int words = (__atomic_load_n(&high, __ATOMIC_RELAXED) + 63) / 64;
+        for (unsigned int w = 0; w < words; w++) {
+            uint64_t bits = map[w];
+            if (bits == 0)
+                continue;
+            map[w] = 0;
+            while (bits != 0) {
+                int fd = (int)(w * 64 + (unsigned int)__builtin_ctzll(bits));
+                bits &= bits - 1;
+                (void)close(fd); /* close only: the description is shared */
+                closed++;
+            }
+        }
+        for (int i = 0; i < OVERFLOW_SLOTS; i++) {
+            if (overflow[i] >= 0) {
+                (void)close(overflow[i]);
+                overflow[i] = -1;
+                closed++;
+            }
+        }
+        __atomic_store_n(&tracked_now, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&closed_last, closed, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&closed_total, closed, __ATOMIC_RELAXED);
+        /* Publish "the table is right for this token" last. */
+        __atomic_store_n(&table_token, *token_ptr, __ATOMIC_RELEASE);
+    }
+    errno = saved;
+}
+
+/* ---- install ------------------------------------------------------------ */
+
+/*
+ * Patches every hooked function the object `elf` imports, all or nothing, and
+ * writes the names patched into names[].  Returns ZMQFORK_FDTRACK_ON or fills
+ * *why and returns its code.
+ */
+static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct failure *why)
+{
+    void **slots[NHOOKS * MAX_SLOTS_PER_HOOK];
+    void *values[NHOOKS * MAX_SLOTS_PER_HOOK];
+    size_t total = 0, used = 0;
+    int creators = 0, closes = 0;
+    const char *label = zmqfork__elf_name(elf);
+
+    names[0] = '\0';
+    for (size_t h = 0; h < NHOOKS; h++) {
+        size_t found = 0;
+        int rc = zmqfork__elf_find(elf, hooks[h].name, &slots[total], MAX_SLOTS_PER_HOOK, &found);
+        if (rc != ZMQFORK__ELF_OK)
+            return fail(why, ZMQFORK_FDTRACK_EOBJECT, "cannot read the GOT of %s: %s", label,
+                        zmqfork__elf_strerror(rc));
+        if (found == 0)
+            continue;
+        for (size_t k = 0; k < found; k++)
+            values[total + k] = hooks[h].wrapper;
+        total += found;
+        if (hooks[h].closes)
+            closes = 1;
+        else
+            creators = 1;
+        if (used < names_size) {
+            int n = snprintf(names + used, names_size - used, "%s%s", used ? "," : "",
+                             hooks[h].name);
+            used += n > 0 ? (size_t)n : 0;
+        }
+    }
+    if (!creators)
+        return fail(why, ZMQFORK_FDTRACK_ENOIMPORTS,
+                    "%s imports none of the descriptor calls zmqfork tracks", label);
+    if (!closes)
+        return fail(why, ZMQFORK_FDTRACK_ENOIMPORTS,
+                    "%s makes descriptors but does not import close(): the table would go stale",
+                    label);
+    if (__atomic_load_n(&bitmap, __ATOMIC_ACQUIRE) == NULL) {
+        int err = table_init();
+        if (err != 0)
+            return fail(why, ZMQFORK_FDTRACK_ENOMEM, "cannot map the descriptor table: %s",
+                        strerror(err));
+    }
+    int rc = zmqfork__elf_replace(elf, slots, values, total);
+    if (rc != ZMQFORK__ELF_OK)
+        return fail(why, ZMQFORK_FDTRACK_EPATCH, "cannot patch the GOT of %s: %s", label,
+                    zmqfork__elf_strerror(rc));
+    return ZMQFORK_FDTRACK_ON;
+}
+
+/*
+ * Opens the loaded object containing addr and hooks it; on success copies its
+ * name into name[].  Returns ZMQFORK_FDTRACK_ON or fills *why.
+ */
+static int hook_object_at(const void *addr, char *names, size_t names_size, char *name,
+                          size_t name_size, struct failure *why)
+{
+    zmqfork__elf *elf = NULL;
+    int rc = zmqfork__elf_open(addr, &elf);
+    if (rc != ZMQFORK__ELF_OK)
+        return fail(why, rc == ZMQFORK__ELF_EARCH ? ZMQFORK_FDTRACK_EARCH : ZMQFORK_FDTRACK_EOBJECT,
+                    "cannot read the object defining libzmq: %s", zmqfork__elf_strerror(rc));
+    rc = hook_elf(elf, names, names_size, why);
+    if (rc == ZMQFORK_FDTRACK_ON)
+        snprintf(name, name_size, "%s", zmqfork__elf_name(elf));
+    zmqfork__elf_close(elf);
+    return rc;
+}
+
+/* token_ptr and table_token must be right before the first slot is patched. */
+static void prepare_gate(void)
+{
+    if (token_ptr == NULL) {
+        token_ptr = zmqfork_token();
+        __atomic_store_n(&table_token, *token_ptr, __ATOMIC_RELEASE);
+    }
+}
+
+/*
+ * Where libzmq lives, seen from the loaded object at `path`: the object that
+ * defines zmq_ctx_new in its dependency tree (pyzmq.libs/libzmq-<hash>.so,
+ * the system libzmq.so.5, or the backend itself when libzmq is linked in), or
+ * the backend itself when zmq_ctx_new is not exported (static link with hidden
+ * symbols).  Stores an address inside that object.  Returns ZMQFORK_FDTRACK_ON
+ * or fills *why.
+ */
+static int locate_libzmq(const char *path, const void **addr, struct failure *why)
+{
+    *addr = NULL;
+    dlerror();
+    void *handle = dlopen(path, RTLD_NOLOAD | RTLD_LAZY);
+    if (handle == NULL) {
+        const char *err = dlerror();
+        return fail(why, ZMQFORK_FDTRACK_ENOBACKEND, "the pyzmq backend %s is not loaded (%s)",
+                    path, err ? err : "dlopen failed");
+    }
+    int rc = ZMQFORK_FDTRACK_ON;
+    void *symbol = dlsym(handle, "zmq_ctx_new");
+    struct link_map *map = NULL;
+    if (symbol != NULL) {
+        *addr = symbol;
+    } else if (dlinfo(handle, RTLD_DI_LINKMAP, &map) == 0 && map != NULL) {
+        *addr = map->l_ld; /* inside the backend: its own dynamic section */
+    } else {
+        const char *err = dlerror();
+        rc = fail(why, ZMQFORK_FDTRACK_EOBJECT, "cannot inspect the pyzmq backend %s (%s)", path,
+                  err ? err : "dlinfo failed");
+    }
+    dlclose(handle); /* drops the reference RTLD_NOLOAD took; pyzmq holds its own */
+    return rc;
+}
+
+int zmqfork_fdtrack_install(const char *backend_path)
+{
+    struct failure why = {ZMQFORK_FDTRACK_ON, "on"};
+    static char names[sizeof functions];
+    static char name[sizeof object_name];
+    const void *addr = NULL;
+
+    pthread_mutex_lock(&install_lock);
+    int result = __atomic_load_n(&status, __ATOMIC_ACQUIRE);
+    if (result != ZMQFORK_FDTRACK_ENOTINSTALLED) {
+        pthread_mutex_unlock(&install_lock);
+        return result;
+    }
+    if (zmqfork_token() == NULL)
+        fail(&why, ZMQFORK_FDTRACK_EOBJECT, "zmqfork_init() has not run");
+    else if (backend_path == NULL || backend_path[0] == '\0')
+        fail(&why, ZMQFORK_FDTRACK_ENOBACKEND, "no pyzmq backend path was given");
+    else if (locate_libzmq(backend_path, &addr, &why) == ZMQFORK_FDTRACK_ON) {
+        prepare_gate();
+        hook_object_at(addr, names, sizeof names, name, sizeof name, &why);
+    }
+    /* Publish the outcome: texts first, the status last. */
+    memcpy(reason, why.message, sizeof reason);
+    if (why.code == ZMQFORK_FDTRACK_ON) {
+        memcpy(functions, names, sizeof functions);
+        memcpy(object_name, name, sizeof object_name);
+    }
+    __atomic_store_n(&status, why.code, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&install_lock);
+    return why.code;
+}
+
+int zmqfork_testing_fdtrack_hook_object(const char *path)
+{
+    struct failure why = {ZMQFORK_FDTRACK_ON, ""};
+    char names[sizeof functions];
+    char name[sizeof object_name];
+    struct link_map *map = NULL;
+
+    pthread_mutex_lock(&install_lock);
+    void *handle = dlopen(path, RTLD_NOLOAD | RTLD_LAZY);
+    if (zmqfork_token() == NULL)
+        why.code = ZMQFORK_FDTRACK_EOBJECT;
+    else if (handle == NULL)
+        why.code = ZMQFORK_FDTRACK_ENOBACKEND;
+    else if (dlinfo(handle, RTLD_DI_LINKMAP, &map) != 0 || map == NULL)
+        why.code = ZMQFORK_FDTRACK_EOBJECT;
+    else {
+        prepare_gate();
+        hook_object_at(map->l_ld, names, sizeof names, name, sizeof name, &why);
+    }
+    if (handle != NULL)
+        dlclose(handle);
+    pthread_mutex_unlock(&install_lock);
+    return why.code;
+}
+
+long zmqfork_fdtrack_tracked(void)
+{
+    return __atomic_load_n(&tracked_now, __ATOMIC_RELAXED);
+}
+
+long zmqfork_fdtrack_closed_last(void)
+{
+    return __atomic_load_n(&closed_last, __ATOMIC_RELAXED);
+}
+
+long zmqfork_fdtrack_closed_total(void)
+{
+    return __atomic_load_n(&closed_total, __ATOMIC_RELAXED);
+}
+
+long zmqfork_fdtrack_untracked(void)
+{
+    return __atomic_load_n(&untracked, __ATOMIC_RELAXED);
+}
+
+int zmqfork_fdtrack_is_tracked(int fd)
+{
+    return is_tracked(fd);
+}
+
+int zmqfork_fdtrack_snapshot(int *fds, int max)
+{
+    int count = 0;
+    uint64_t *map = __atomic_load_n(&bitmap, __ATOMIC_ACQUIRE);
+    if (map == NULL)
+        return 0;
+    unsigned int limit = __atomic_load_n(&high, __ATOMIC_RELAXED);
+    for (unsigned int fd = 0; fd < limit; fd++) {
+        if (is_tracked((int)fd)) {
+            if (count < max)
+                fds[count] = (int)fd;
+            count++;
+        }
+    }
+    for (int i = 0; i < OVERFLOW_SLOTS; i++) {
+        int fd = __atomic_load_n(&overflow[i], __ATOMIC_RELAXED);
+        if (fd >= 0) {
+            if (count < max)
+                fds[count] = fd;
+            count++;
+        }
+    }
+    return count;
+}
+
+#else /* !__linux__ */
 
 void zmqfork__fdtrack_prepare(void) {}
 void zmqfork__fdtrack_parent(void) {}
 void zmqfork__fdtrack_child(void) {}
+
+int zmqfork_fdtrack_install(const char *backend_path)
+{
+    (void)backend_path;
+    pthread_mutex_lock(&install_lock);
+    snprintf(reason, sizeof reason, "descriptor tracking needs Linux (ELF GOT patching)");
+    __atomic_store_n(&status, ZMQFORK_FDTRACK_ENOTLINUX, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&install_lock);
+    return ZMQFORK_FDTRACK_ENOTLINUX;
+}
+
+int zmqfork_testing_fdtrack_hook_object(const char *path)
+{
+    (void)path;
+    return ZMQFORK_FDTRACK_ENOTLINUX;
+}
+
+long zmqfork_fdtrack_tracked(void) { return 0; }
+long zmqfork_fdtrack_closed_last(void) { return 0; }
+long zmqfork_fdtrack_closed_total(void) { return 0; }
+long zmqfork_fdtrack_untracked(void) { return 0; }
+int zmqfork_fdtrack_is_tracked(int fd) { (void)fd; return 0; }
+int zmqfork_fdtrack_snapshot(int *fds, int max) { (void)fds, (void)max; return 0; }
+
+#endif /* __linux__ */
+
+int zmqfork_fdtrack_status(void)
+{
+    return __atomic_load_n(&status, __ATOMIC_ACQUIRE);
+}
+
+const char *zmqfork_fdtrack_reason(void)
+{
+    return reason;
+}
+
+const char *zmqfork_fdtrack_object(void)
+{
+    return zmqfork_fdtrack_status() == ZMQFORK_FDTRACK_ON ? object_name : "";
+}
+
+const char *zmqfork_fdtrack_functions(void)
+{
+    return zmqfork_fdtrack_status() == ZMQFORK_FDTRACK_ON ? functions : "";
+}

@@ -16,4 +16,67 @@ void zmqfork__fdtrack_prepare(void);
 void zmqfork__fdtrack_parent(void);
 void zmqfork__fdtrack_child(void);
 
+/*
+ * ELF GOT patching (elfhook.c).  Linux only; elsewhere every function returns
+ * ZMQFORK__ELF_ENOTLINUX.  Used at install time only: nothing here is
+ * async-signal-safe, and callers serialise calls themselves.
+ *
+ * Usage: open the loaded object that contains an address, list the GOT slots
+ * through which it calls a symbol, replace a batch of slots (all or none),
+ * close the handle.  The handle only describes the object; closing it does
+ * not undo a patch.
+ */
+#include <stddef.h>
+
+typedef struct zmqfork__elf zmqfork__elf; /* opaque */
+
+enum {
+    ZMQFORK__ELF_OK = 0,
+    ZMQFORK__ELF_ENOTLINUX,  /* built without ELF support (not Linux) */
+    ZMQFORK__ELF_EARCH,      /* relocation types of this CPU are unknown */
+    ZMQFORK__ELF_ENOTFOUND,  /* no loaded object contains the address */
+    ZMQFORK__ELF_ENODYNAMIC, /* the object has no PT_DYNAMIC segment */
+    ZMQFORK__ELF_EFORMAT,    /* dynamic section incomplete or unusable */
+    ZMQFORK__ELF_ENOMEM,     /* out of memory */
+    ZMQFORK__ELF_ERANGE,     /* more matching slots than the caller's array */
+    ZMQFORK__ELF_ESLOT,      /* a slot lies outside the object's segments */
+    ZMQFORK__ELF_EMPROTECT,  /* mprotect refused to make a page writable */
+};
+
+/* A static, human-readable message for an ZMQFORK__ELF_* code. */
+const char *zmqfork__elf_strerror(int code);
+
+/*
+ * Opens the loaded object whose PT_LOAD segments contain `addr`.  On success
+ * stores a new handle in *out and returns ZMQFORK__ELF_OK; on failure stores
+ * NULL and returns the code.  *out is cleared on entry.
+ */
+int zmqfork__elf_open(const void *addr, zmqfork__elf **out);
+
+/* The object's path as the loader knows it ("" for the main program). */
+const char *zmqfork__elf_name(const zmqfork__elf *elf);
+
+/*
+ * Finds the GOT slots (JUMP_SLOT in DT_JMPREL, JUMP_SLOT and GLOB_DAT in
+ * DT_RELA) through which the object reaches `symbol` (any version).  Stores
+ * up to `max` slot addresses in slots[] and their number in *count (cleared
+ * on entry).  Returns ZMQFORK__ELF_ERANGE, with nothing stored, when there
+ * are more than `max`.
+ */
+int zmqfork__elf_find(const zmqfork__elf *elf, const char *symbol, void ***slots, size_t max,
+                      size_t *count);
+
+/*
+ * Stores values[i] in *slots[i] for every i < n, all or none: a page that is
+ * not writable (RELRO) is made writable for the write and given back its
+ * protection after.  If a page cannot be made writable, every slot already
+ * written gets its old value back and ZMQFORK__ELF_EMPROTECT is returned.
+ * Each store is one aligned pointer-sized atomic write, so threads calling
+ * through a slot meanwhile see the old or the new target, never a mix.
+ */
+int zmqfork__elf_replace(zmqfork__elf *elf, void **const *slots, void *const *values, size_t n);
+
+/* Frees the handle (NULL is fine).  Patches stay. */
+void zmqfork__elf_close(zmqfork__elf *elf);
+
 #endif /* ZMQFORK_INTERNAL_H */

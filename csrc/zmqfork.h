@@ -22,8 +22,9 @@
  *   the value you recorded, call zmqfork_refresh(), drop your per-process
  *   state and record the value zmqfork_refresh() returned.
  *
- * Descriptor tracking (Linux, see fdtrack.c / elfhook.c)
- *   Declared below; every function documents its own contract.
+ * Descriptor tracking (Linux; fdtrack.c, elfhook.c)
+ *   Declared below, after an overview; every function documents its own
+ *   contract.
  *
  * Every exported name starts with zmqfork_.  Nothing here allocates in a fork
  * handler, takes a lock the forking thread cannot own, or calls into Python.
@@ -78,5 +79,86 @@ int zmqfork_wipeonfork_errno(void);
 
 /* Same for the atfork handlers: 0 when installed, else an errno value. */
 int zmqfork_atfork_errno(void);
+
+/* ---- Descriptor tracking ------------------------------------------------
+ *
+ * At install, the GOT of the loaded object that holds libzmq is rewritten so
+ * that its calls to socket, accept, accept4, eventfd, epoll_create(1),
+ * socketpair, pipe(2), dup(2,3), open (and glibc's open64/__open_2 forms) and
+ * close go through wrappers that record which descriptors libzmq owns.  The
+ * wrappers return exactly what the real call returns, with its errno.  In a
+ * forked child the table's descriptors are closed with close() and nothing
+ * else (the open file descriptions are shared with the parent), before any
+ * other code of the child runs (atfork child handler), or, after a fork that
+ * skipped the handlers, at the first zmqfork_refresh() or hooked call.
+ * Descriptors that are not libzmq's are never in the table.
+ */
+
+/* Results of zmqfork_fdtrack_install() and zmqfork_fdtrack_status(). */
+#define ZMQFORK_FDTRACK_ON 0           /* hooks installed, table kept */
+#define ZMQFORK_FDTRACK_ENOTINSTALLED 1 /* zmqfork_fdtrack_install() never ran */
+#define ZMQFORK_FDTRACK_ENOTLINUX 2    /* built for a system without ELF/GOT support */
+#define ZMQFORK_FDTRACK_EARCH 3        /* CPU other than x86_64 / aarch64 */
+#define ZMQFORK_FDTRACK_ENOBACKEND 4   /* the pyzmq backend object is not loaded */
+#define ZMQFORK_FDTRACK_EOBJECT 5      /* the object holding libzmq cannot be read */
+#define ZMQFORK_FDTRACK_ENOIMPORTS 6   /* it imports no descriptor call, or no close */
+#define ZMQFORK_FDTRACK_ENOMEM 7       /* the table could not be mapped */
+#define ZMQFORK_FDTRACK_EPATCH 8       /* a GOT page could not be made writable */
+
+/*
+ * Installs the hooks, once per process; later calls return the first call's
+ * result.  `backend_path` is the file of pyzmq's compiled backend (for
+ * Cython, zmq/backend/cython/_zmq*.so), already loaded: libzmq is the object
+ * that defines zmq_ctx_new in its dependency tree (pyzmq.libs/libzmq-*.so, a
+ * system libzmq.so.5, or the backend itself if libzmq is linked in), or the
+ * backend itself if zmq_ctx_new is not exported.  Needs zmqfork_init() first.
+ * Returns ZMQFORK_FDTRACK_ON or a ZMQFORK_FDTRACK_E* code; on failure nothing
+ * is patched and everything else keeps working.  Descriptors libzmq made
+ * before the install are not tracked.  Thread-safe; not async-signal-safe.
+ */
+int zmqfork_fdtrack_install(const char *backend_path);
+
+/* ZMQFORK_FDTRACK_ON, ZMQFORK_FDTRACK_ENOTINSTALLED before any install, or
+ * the install's failure code.  Thread-safe, async-signal-safe. */
+int zmqfork_fdtrack_status(void);
+
+/* Why tracking is off (a sentence naming the object and the cause), or "on".
+ * Static storage, stable once the install returned.  Thread-safe. */
+const char *zmqfork_fdtrack_reason(void);
+
+/* The path of the hooked object as the loader knows it, "" when off. */
+const char *zmqfork_fdtrack_object(void);
+
+/* Comma-separated names of the functions hooked in it, "" when off. */
+const char *zmqfork_fdtrack_functions(void);
+
+/* Descriptors in the table now.  Thread-safe, async-signal-safe. */
+long zmqfork_fdtrack_tracked(void);
+
+/* Descriptors closed by the latest fork cleanup in this process (0 if none
+ * ran), and by all cleanups in this process and its ancestors.  Thread-safe,
+ * async-signal-safe. */
+long zmqfork_fdtrack_closed_last(void);
+long zmqfork_fdtrack_closed_total(void);
+
+/* Descriptors libzmq made that did not fit the table (numbers beyond its
+ * size and overflow slots): they would survive into a child.  Thread-safe. */
+long zmqfork_fdtrack_untracked(void);
+
+/* 1 if `fd` is in the table, else 0.  Thread-safe, async-signal-safe. */
+int zmqfork_fdtrack_is_tracked(int fd);
+
+/* Stores up to `max` tracked descriptors in fds[], ascending, and returns how
+ * many are tracked (possibly more than max).  A snapshot: descriptors made or
+ * closed meanwhile by other threads may or may not appear.  Thread-safe. */
+int zmqfork_fdtrack_snapshot(int *fds, int max);
+
+/*
+ * TESTING ONLY.  Hooks, in addition, the already-loaded object `path` itself
+ * (its own imports of the same functions), so tests can prove the GOT patcher
+ * on objects built with every RELRO mode.  Does not change what
+ * zmqfork_fdtrack_status() reports.  Returns a ZMQFORK_FDTRACK_* code.
+ */
+int zmqfork_testing_fdtrack_hook_object(const char *path);
 
 #endif /* ZMQFORK_H */

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import zmq as _zmq
 from zmq import *  # noqa: F401,F403  - pyzmq's names, re-exported unchanged
 
+from zmqfork import _descriptors  # noqa: F401  - hooks libzmq's descriptor calls, before any Context
+
 from zmqfork._afterfork import register_at_fork
 from zmqfork._generation import check_fork
 from zmqfork._policy import POLICIES

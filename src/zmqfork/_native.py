@@ -11,14 +11,32 @@ import os
 
 from zmqfork._native_c import ffi, lib
 
-__all__ = ["TOKEN", "DISABLE_ENV", "disabled_features", "refresh", "mechanisms", "mechanism_errors"]
+__all__ = [
+    "TOKEN",
+    "DISABLE_ENV",
+    "disabled_features",
+    "refresh",
+    "mechanisms",
+    "mechanism_errors",
+    "FDTRACK_ON",
+    "FDTRACK_NOT_INSTALLED",
+    "fdtrack_install",
+    "fdtrack_status",
+    "fdtrack_reason",
+    "fdtrack_object",
+    "fdtrack_functions",
+    "fdtrack_counts",
+    "fdtrack_tracked_fds",
+    "fdtrack_is_tracked",
+    "testing_fdtrack_hook_object",
+]
 
 #: Environment variable naming features to switch off, comma-separated:
-#: ``atfork``, ``wipeonfork``.  Read once, at import; meant for tests and for
+#: ``atfork``, ``wipeonfork``, ``fdtrack``.  Read once, at import; meant for tests and for
 #: diagnosing a platform.
 DISABLE_ENV = "ZMQFORK_DISABLE"
 
-_KNOWN_FEATURES = ("atfork", "wipeonfork")
+_KNOWN_FEATURES = ("atfork", "wipeonfork", "fdtrack")
 
 
 def disabled_features() -> frozenset[str]:
@@ -87,3 +105,77 @@ def mechanism_errors() -> dict[str, str | None]:
         "atfork": _reason(lib.zmqfork_atfork_errno()),
         "wipeonfork": _reason(lib.zmqfork_wipeonfork_errno()),
     }
+
+
+# ---- descriptor tracking (csrc/fdtrack.c) ------------------------------------
+
+#: zmqfork_fdtrack_status() when the hooks are installed.
+FDTRACK_ON: int = lib.ZMQFORK_FDTRACK_ON
+#: zmqfork_fdtrack_status() before any install was attempted.
+FDTRACK_NOT_INSTALLED: int = lib.ZMQFORK_FDTRACK_ENOTINSTALLED
+
+
+def _fspath(path: str) -> bytes:
+    return os.fsencode(path)
+
+
+def fdtrack_install(backend_path: str) -> int:
+    """Install the descriptor hooks on the libzmq that ``backend_path`` (a loaded object) uses.
+
+    Returns the C status code (FDTRACK_ON on success).  Only the first call in
+    a process does anything.
+    """
+    return int(lib.zmqfork_fdtrack_install(_fspath(backend_path)))
+
+
+def fdtrack_status() -> int:
+    """The C status code of descriptor tracking."""
+    return int(lib.zmqfork_fdtrack_status())
+
+
+def fdtrack_reason() -> str:
+    """Why descriptor tracking is off, as the C code explained it ("on" when it is on)."""
+    return ffi.string(lib.zmqfork_fdtrack_reason()).decode("utf-8", "replace")
+
+
+def fdtrack_object() -> str | None:
+    """The path of the hooked object, or None when tracking is off."""
+    name = ffi.string(lib.zmqfork_fdtrack_object())
+    return os.path.normpath(os.fsdecode(name)) if name else None
+
+
+def fdtrack_functions() -> tuple[str, ...]:
+    """The names of the functions hooked in that object."""
+    names = ffi.string(lib.zmqfork_fdtrack_functions()).decode("ascii", "replace")
+    return tuple(names.split(",")) if names else ()
+
+
+def fdtrack_counts() -> dict[str, int]:
+    """Descriptors tracked now, closed by the last cleanup, closed by all cleanups, untracked."""
+    return {
+        "tracked": int(lib.zmqfork_fdtrack_tracked()),
+        "closed_last": int(lib.zmqfork_fdtrack_closed_last()),
+        "closed_total": int(lib.zmqfork_fdtrack_closed_total()),
+        "untracked": int(lib.zmqfork_fdtrack_untracked()),
+    }
+
+
+def fdtrack_tracked_fds() -> list[int]:
+    """The descriptors in the table now (a snapshot), ascending."""
+    size = 256
+    while True:
+        buf = ffi.new("int[]", size)
+        count = int(lib.zmqfork_fdtrack_snapshot(buf, size))
+        if count <= size:
+            return [int(buf[i]) for i in range(count)]
+        size = count + 64
+
+
+def fdtrack_is_tracked(fd: int) -> bool:
+    """Whether ``fd`` is in the table."""
+    return bool(lib.zmqfork_fdtrack_is_tracked(fd))
+
+
+def testing_fdtrack_hook_object(path: str) -> int:
+    """TESTING ONLY: hook the loaded object ``path`` itself; returns the C status code."""
+    return int(lib.zmqfork_testing_fdtrack_hook_object(_fspath(path)))

@@ -1,11 +1,11 @@
-"""What zmqfork can see about itself: the generation and the detection mechanisms in force."""
+"""What zmqfork can see about itself: the generation, the detection mechanisms and descriptor tracking."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
-from zmqfork import _native
+from zmqfork import _descriptors, _native
 from zmqfork._generation import current_token
 
 __all__ = ["Detection", "detection", "generation"]
@@ -18,18 +18,45 @@ class Detection:
     ``atfork``: pthread_atfork handlers (forks through libc ``fork()``, including
     ``os.fork()`` and C extensions).  ``wipeonfork``: a ``MADV_WIPEONFORK`` token
     page (also forks that skip the handlers, such as a raw clone syscall).
+    ``unavailable`` maps each of these, and ``"fdtrack"``, to why it is off.
+
+    ``fdtrack``: libzmq's descriptors are tracked and closed in a forked child
+    (``fdtrack_object`` is the hooked file, ``fdtrack_functions`` the calls
+    hooked in it).  ``fds_tracked``: descriptors libzmq owns now;
+    ``fds_closed``: closed in this process by the cleanup after the fork that
+    made it; ``fds_closed_total``: by every cleanup in this process and its
+    ancestors.
     """
 
     atfork: bool
     wipeonfork: bool
     unavailable: Dict[str, str] = field(default_factory=dict)
+    fdtrack: bool = False
+    fdtrack_object: Optional[str] = None
+    fdtrack_functions: Tuple[str, ...] = ()
+    fds_tracked: int = 0
+    fds_closed: int = 0
+    fds_closed_total: int = 0
 
 
 def detection() -> Detection:
-    """Report the fork-detection mechanisms in force."""
+    """Report the fork-detection mechanisms in force and the state of descriptor tracking."""
     active = _native.mechanisms()
     reasons = {name: why for name, why in _native.mechanism_errors().items() if why is not None}
-    return Detection(atfork="atfork" in active, wipeonfork="wipeonfork" in active, unavailable=reasons)
+    fds = _descriptors.state()
+    if fds.reason is not None:
+        reasons["fdtrack"] = fds.reason
+    return Detection(
+        atfork="atfork" in active,
+        wipeonfork="wipeonfork" in active,
+        unavailable=reasons,
+        fdtrack=fds.on,
+        fdtrack_object=fds.object,
+        fdtrack_functions=fds.functions,
+        fds_tracked=fds.tracked,
+        fds_closed=fds.closed_last,
+        fds_closed_total=fds.closed_total,
+    )
 
 
 def generation() -> int:
