@@ -91,6 +91,7 @@ static __attribute__((format(printf, 3, 4), unused)) int fail(struct failure *f,
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- the table -------------------------------------------------------- */
@@ -255,12 +256,39 @@ static inline void enter(void)
     }
 }
 
+/* ---- testing: widen the race windows ------------------------------------ */
+
+static unsigned int testing_delay_us; /* 0 in production: one load, one branch */
+static unsigned int testing_in_window;
+
+/* Sleeps inside the gate, between the real call and the table update. */
+static __attribute__((noinline, cold)) void testing_pause(void)
+{
+    int saved = errno;
+    struct timespec pause = {
+        .tv_sec = testing_delay_us / 1000000u,
+        .tv_nsec = (long)(testing_delay_us % 1000000u) * 1000,
+    };
+    __atomic_add_fetch(&testing_in_window, 1, __ATOMIC_SEQ_CST);
+    while (nanosleep(&pause, &pause) != 0 && errno == EINTR) {
+    }
+    __atomic_sub_fetch(&testing_in_window, 1, __ATOMIC_SEQ_CST);
+    errno = saved;
+}
+
+#define TESTING_WINDOW()                                                                    \
+    do {                                                                                    \
+        if (__builtin_expect(__atomic_load_n(&testing_delay_us, __ATOMIC_RELAXED) != 0, 0))  \
+            testing_pause();                                                                \
+    } while (0)
+
 /* ---- the wrappers: the real call and the table update, inside the gate ---- */
 
 /* The body of a wrapper whose call returns one new descriptor or -1. */
 #define CREATE(call)                                                                        \
     enter();                                                                                \
     int fd_ = (call);                                                                       \
+    TESTING_WINDOW();                                                                       \
     track(fd_);                                                                             \
     leave();                                                                                \
     return fd_
@@ -399,6 +427,7 @@ static int hook_close(int fd)
 {
     enter();
     untrack(fd); /* before the real close: the number may be reused at once */
+    TESTING_WINDOW();
     int rc = close(fd);
     leave();
     return rc;
@@ -673,6 +702,16 @@ long zmqfork_fdtrack_tracked(void)
     return __atomic_load_n(&tracked_now, __ATOMIC_RELAXED);
 }
 
+void zmqfork_testing_fdtrack_delay(unsigned int microseconds)
+{
+    __atomic_store_n(&testing_delay_us, microseconds, __ATOMIC_RELAXED);
+}
+
+unsigned int zmqfork_testing_fdtrack_in_window(void)
+{
+    return __atomic_load_n(&testing_in_window, __ATOMIC_SEQ_CST);
+}
+
 long zmqfork_fdtrack_closed_last(void)
 {
     return __atomic_load_n(&closed_last, __ATOMIC_RELAXED);
@@ -739,6 +778,9 @@ int zmqfork_testing_fdtrack_hook_object(const char *path)
     (void)path;
     return ZMQFORK_FDTRACK_ENOTLINUX;
 }
+
+void zmqfork_testing_fdtrack_delay(unsigned int microseconds) { (void)microseconds; }
+unsigned int zmqfork_testing_fdtrack_in_window(void) { return 0; }
 
 long zmqfork_fdtrack_tracked(void) { return 0; }
 long zmqfork_fdtrack_closed_last(void) { return 0; }

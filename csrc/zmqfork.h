@@ -161,4 +161,15 @@ int zmqfork_fdtrack_snapshot(int *fds, int max);
  */
 int zmqfork_testing_fdtrack_hook_object(const char *path);
 
+/*
+ * TESTING ONLY.  Makes every creating wrapper sleep `microseconds` between the
+ * real call and the table update, and close() between the table update and
+ * the real close (0, the default, turns it off), so tests can fork exactly
+ * while a call is in its window and prove the gate.  Thread-safe.
+ */
+void zmqfork_testing_fdtrack_delay(unsigned int microseconds);
+
+/* TESTING ONLY.  How many hooked calls are sleeping in that window now. */
+unsigned int zmqfork_testing_fdtrack_in_window(void);
+
 #endif /* ZMQFORK_H */

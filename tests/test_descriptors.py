@@ -216,6 +216,38 @@ def test_child_holds_no_libzmq_descriptor(kind: str) -> None:
         ctx.destroy(linger=0)
 
 
+def test_raw_clone_child_cleans_up_at_first_hooked_call() -> None:
+    """After a raw clone, a child that makes a pyzmq context before any zmqfork call still loses the inherited descriptors, not the new one."""
+    before = identities(open_fds())
+    ctx = zmqfork.Context()
+    try:
+        keep = roundtrip(ctx)  # noqa: F841
+        inherited = {fd: ident for fd, ident in identities(open_fds()).items() if before.get(fd) != ident}
+
+        def child() -> Dict[str, object]:
+            fresh = pyzmq.Context()  # zmq_ctx_new's eventfd: the first hooked call in this child
+            tracked = _native.fdtrack_tracked_fds()
+            now = identities(open_fds())
+            made = sorted(fd for fd, ident in now.items() if ident[0] == "eventfd" and before.get(fd) != ident)
+            still_open = sorted(fd for fd, ident in now.items() if ident in inherited.values())
+            try:
+                sock = fresh.socket(pyzmq.PAIR)
+                sock.bind("inproc://raw-child")
+                sock.close(linger=0)
+            finally:
+                fresh.term()
+            return {"made": made, "tracked": tracked, "inherited_open": still_open,
+                    "closed": _native.fdtrack_counts()["closed_last"]}
+
+        result = run_in_child(child, kind="raw", timeout=30)
+        assert len(result["made"]) == 1  # type: ignore[arg-type]
+        assert result["tracked"] == result["made"]
+        assert result["inherited_open"] == []
+        assert result["closed"] >= len(inherited)  # type: ignore[operator]
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_grandchild_is_cleaned_too() -> None:
     """A child's own libzmq descriptors are closed in its child (the table is per process and refilled)."""
     ctx = zmqfork.Context()
@@ -437,6 +469,8 @@ def run(slot):
 threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
 for t in threads:
     t.start()
+while sum(made) < 20:  # the storm is on before the forks start
+    threading.Event().wait(0.001)
 sys.stdout.write("started\n"); sys.stdout.flush()
 sys.stdin.read()  # until the test closes our stdin
 stop.set()
@@ -484,28 +518,32 @@ def fork_and_list_leaks(kind: str, allowed: Set[int], timeout: float = 20.0) -> 
     return [tuple(item) for item in json.loads(b"".join(chunks))]
 
 
+#: Storm processes (4 connecting threads each).
+STORMS = 2
+
+
 def test_accept_storm_while_forking() -> None:
     """While libzmq accepts a storm of connections, 200 forks from another thread: no child holds a libzmq descriptor."""
     baseline = open_fds()
     ctx = zmqfork.Context()
-    storm = None
+    storms: List[subprocess.Popen[bytes]] = []
     try:
         router = ctx.socket(zmqfork.ROUTER)
         port = router.bind_to_random_port("tcp://127.0.0.1")
-        storm = subprocess.Popen(
-            [sys.executable, "-c", STORM, str(port)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        assert storm.stdout is not None and storm.stdout.readline() == b"started\n"
+        storms += [
+            subprocess.Popen([sys.executable, "-c", STORM, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            for _ in range(STORMS)
+        ]
+        for storm in storms:
+            assert storm.stdout is not None and storm.stdout.readline() == b"started\n"
+        pipes = {f.fileno() for storm in storms for f in (storm.stdin, storm.stdout) if f is not None}
         results: List[List[Tuple[int, str]]] = []
         errors: List[BaseException] = []
 
         def forker() -> None:
             try:
                 for i in range(200):
-                    allowed = baseline | {storm.stdin.fileno(), storm.stdout.fileno()}  # type: ignore[union-attr]
-                    results.append(fork_and_list_leaks(("os", "libc")[i % 2], allowed))
+                    results.append(fork_and_list_leaks(("os", "libc")[i % 2], baseline | pipes))
             except BaseException as exc:  # reported by the main thread
                 errors.append(exc)
 
@@ -514,18 +552,21 @@ def test_accept_storm_while_forking() -> None:
         thread.join(180)
         assert not thread.is_alive(), "forking thread hung"
         assert not errors, errors
-        assert storm.stdin is not None
-        storm.stdin.close()
-        connections = int(storm.stdout.read() or 0)
-        storm.wait(30)
+        connections = 0
+        for storm in storms:
+            assert storm.stdin is not None and storm.stdout is not None
+            storm.stdin.close()
+            connections += int(storm.stdout.read() or 0)
+            storm.wait(30)
         assert connections >= 200, "the storm was too weak to race with the forks"
         assert len(results) == 200
         leaks = [leak for leak in results if leak]
         assert leaks == [], f"{len(leaks)} of 200 children held libzmq descriptors: {leaks[:3]}"
     finally:
-        if storm is not None and storm.poll() is None:
-            storm.kill()
-            storm.wait(30)
+        for storm in storms:
+            if storm.poll() is None:
+                storm.kill()
+                storm.wait(30)
         ctx.destroy(linger=0)
 
 
@@ -830,6 +871,57 @@ def test_got_patcher_relro_matrix(mode: str, order: str, native_dir: Path) -> No
     ), kinds
     result = last_json(run_python(HOOKTARGET, str(lib), order))
     assert result == {"child_bad": [], "closed_in_parent": []}
+
+
+GATE = r"""
+import ctypes, json, os, select, sys, threading, time
+from zmqfork import _native
+from forking import fork_with, wait_child
+
+path, which = sys.argv[1], sys.argv[2]
+lib = ctypes.CDLL(path)
+assert _native.testing_fdtrack_hook_object(path) == _native.FDTRACK_ON
+victim = lib.t_eventfd(0, 0) if which == "close" else -1
+before = set(int(name) for name in os.listdir("/proc/self/fd"))
+r, w = os.pipe()
+_native.testing_fdtrack_delay(300_000)  # each hooked call sleeps 300 ms inside its window
+thread = threading.Thread(target=(lambda: lib.t_eventfd(0, 0)) if which == "create" else (lambda: lib.t_close(victim)))
+thread.start()
+deadline = time.monotonic() + 10
+while _native.testing_fdtrack_in_window() == 0:
+    assert time.monotonic() < deadline, "the call never reached its window"
+    time.sleep(0.001)
+started = time.monotonic()
+pid = fork_with("os")  # the prepare handler must wait for the call in its window
+if pid == 0:
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            found[fd] = os.readlink("/proc/self/fd/%d" % fd)
+        except OSError:
+            pass
+    extra = {fd: target for fd, target in found.items() if fd not in before | {r, w}}
+    os.write(w, json.dumps({"extra": extra, "victim_open": victim in found}).encode())
+    os._exit(0)
+waited = time.monotonic() - started
+_native.testing_fdtrack_delay(0)
+thread.join(10)
+os.close(w)
+select.select([r], [], [], 20)
+child = json.loads(os.read(r, 65536))
+assert wait_child(pid, 20) == 0
+print(json.dumps({"waited": waited, **child}))
+"""
+
+
+@pytest.mark.parametrize("which", ["create", "close"])
+def test_fork_waits_for_hooked_call_in_its_window(which: str, native_dir: Path) -> None:
+    """A fork while a hooked call sits between the real call and the table update waits for it; the child holds nothing of it."""
+    lib = compile_so(native_dir / "hooktarget-gate.so", [NATIVE / "hooktarget.c"])
+    result = last_json(run_python(GATE, str(lib), which))
+    assert result["waited"] > 0.1, "fork did not wait for the call in flight"  # type: ignore[index]
+    assert result["extra"] == {} and result["victim_open"] is False  # type: ignore[index]
 
 
 def test_finds_system_libzmq(native_dir: Path) -> None:

@@ -29,6 +29,8 @@ __all__ = [
     "fdtrack_tracked_fds",
     "fdtrack_is_tracked",
     "testing_fdtrack_hook_object",
+    "testing_fdtrack_delay",
+    "testing_fdtrack_in_window",
 ]
 
 #: Environment variable naming features to switch off, comma-separated:
@@ -179,3 +181,13 @@ def fdtrack_is_tracked(fd: int) -> bool:
 def testing_fdtrack_hook_object(path: str) -> int:
     """TESTING ONLY: hook the loaded object ``path`` itself; returns the C status code."""
     return int(lib.zmqfork_testing_fdtrack_hook_object(_fspath(path)))
+
+
+def testing_fdtrack_delay(microseconds: int) -> None:
+    """TESTING ONLY: make hooked calls sleep inside their fork-atomic window (0 turns it off)."""
+    lib.zmqfork_testing_fdtrack_delay(microseconds)
+
+
+def testing_fdtrack_in_window() -> int:
+    """TESTING ONLY: how many hooked calls sleep in that window now."""
+    return int(lib.zmqfork_testing_fdtrack_in_window())
