@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 
 # Build choices, in one place.
 MODULE_NAME = "zmqfork._native_c"
-SOURCES = ["forkdetect.c", "fdtrack.c", "elfhook.c"]
+SOURCES = ["forkdetect.c", "fdtrack.c", "elfhook.c", "mutexguard.c"]
 STRICT_WARNINGS = True  # -Wall -Wextra -Werror on our sources
 IS_LINUX = sys.platform.startswith("linux")
 

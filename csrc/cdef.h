@@ -33,6 +33,7 @@ long zmqfork_fdtrack_closed_total(void);
 long zmqfork_fdtrack_untracked(void);
 int zmqfork_fdtrack_is_tracked(int fd);
 int zmqfork_fdtrack_snapshot(int *fds, int max);
+int zmqfork_guard_recursive_mutex(void *mutex);
 int zmqfork_testing_fdtrack_hook_object(const char *path);
 void zmqfork_testing_fdtrack_delay(unsigned int microseconds);
 unsigned int zmqfork_testing_fdtrack_in_window(void);

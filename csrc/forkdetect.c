@@ -63,6 +63,7 @@ static void on_child(void)
     int saved = errno;
     /* Advance the generation first, then publish it as the token. */
     __atomic_store_n(token, next_generation(), __ATOMIC_SEQ_CST);
+    zmqfork__mutexguard_child();
     zmqfork__fdtrack_child();
     errno = saved;
 }
@@ -147,6 +148,7 @@ uint64_t zmqfork_refresh(void)
     uint64_t fresh = next_generation();
     if (__atomic_compare_exchange_n(token, &expected, fresh, 0,
                                     __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+        zmqfork__mutexguard_child();
         zmqfork__fdtrack_child();
         current = fresh;
     } else {

@@ -17,6 +17,13 @@ void zmqfork__fdtrack_parent(void);
 void zmqfork__fdtrack_child(void);
 
 /*
+ * Resets every mutex registered with zmqfork_guard_recursive_mutex() to a
+ * fresh, unlocked state (mutexguard.c).  Called in the child only, where the
+ * forking thread is the only thread.  Async-signal-safe (plain stores).
+ */
+void zmqfork__mutexguard_child(void);
+
+/*
  * ELF GOT patching (elfhook.c).  Linux only; elsewhere every function returns
  * ZMQFORK__ELF_ENOTLINUX.  Used at install time only: nothing here is
  * async-signal-safe, and callers serialise calls themselves.

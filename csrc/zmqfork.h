@@ -172,4 +172,17 @@ void zmqfork_testing_fdtrack_delay(unsigned int microseconds);
 /* TESTING ONLY.  How many hooked calls are sleeping in that window now. */
 unsigned int zmqfork_testing_fdtrack_in_window(void);
 
+/* ---- Mutexes a child gets back unlocked (mutexguard.c) ----------------- */
+
+/*
+ * Registers a recursive pthread mutex to be reset to a fresh, unlocked one in
+ * every forked child (atfork child handler; after a fork that skipped the
+ * handlers, zmqfork_refresh()): a lock another thread held at fork time
+ * belongs to nobody in the child.  For pyzmq's zero-copy collector mutex.
+ * The 8 latest registrations are kept.  Returns 0 (also if already
+ * registered), EINVAL for NULL, or the errno of making the template mutex.
+ * Thread-safe; not async-signal-safe.
+ */
+int zmqfork_guard_recursive_mutex(void *mutex);
+
 #endif /* ZMQFORK_H */

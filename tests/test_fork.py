@@ -546,3 +546,46 @@ def test_inproc_binds_are_replayed_under_every_policy(ctx: zmq.Context) -> None:
         return message
 
     assert run_in_child(child) == b"inside the child"
+
+
+@pytest.mark.parametrize("kind", FORK_KINDS)
+def test_frame_freed_in_child_while_a_parent_thread_held_pyzmqs_gc_lock(ctx: zmq.Context, kind: str) -> None:
+    """A zero-copy Frame freed in the child does not hang even if a parent thread held pyzmq's gc mutex at fork."""
+    import ctypes
+
+    from zmq.utils import garbage
+
+    a = ctx.socket(zmq.PAIR)
+    a.bind("inproc://gc-lock")
+    b = ctx.socket(zmq.PAIR)
+    b.connect("inproc://gc-lock")
+    frame = zmq.Frame(b"g" * 100_000, copy=False)
+    a.send(frame, copy=False)
+    b.recv()  # a copy: now the parent's Frame holds the last reference to its buffer
+    mutex = garbage.gc._push_mutex
+    assert mutex, "pyzmq made no gc mutex for a zero-copy Frame"
+    pthread = ctypes.CDLL(None)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        pthread.pthread_mutex_lock(ctypes.c_void_p(mutex))
+        locked.set()
+        release.wait(30)
+        pthread.pthread_mutex_unlock(ctypes.c_void_p(mutex))
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert locked.wait(10)
+
+        def child() -> bool:
+            nonlocal frame
+            zmq.check_fork()  # after a raw clone, the first zmqfork call does the handler's work
+            frame = None  # frees the buffer: pyzmq's callback takes the gc mutex
+            ctx.destroy(linger=0)
+            return True
+
+        assert run_in_child(child, kind=kind, timeout=15)
+    finally:
+        release.set()
+        holder.join(10)

@@ -15,6 +15,7 @@ import zmq as _zmq
 from zmq import *  # noqa: F401,F403  - pyzmq's names, re-exported unchanged
 
 from zmqfork import _descriptors  # noqa: F401  - hooks libzmq's descriptor calls, before any Context
+from zmqfork import _pyzmq_gc  # noqa: F401  - pyzmq's zero-copy collector mutex is reset in children
 
 from zmqfork._afterfork import register_at_fork
 from zmqfork._generation import check_fork

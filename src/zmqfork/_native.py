@@ -31,6 +31,7 @@ __all__ = [
     "testing_fdtrack_hook_object",
     "testing_fdtrack_delay",
     "testing_fdtrack_in_window",
+    "guard_recursive_mutex",
 ]
 
 #: Environment variable naming features to switch off, comma-separated:
@@ -191,3 +192,10 @@ def testing_fdtrack_delay(microseconds: int) -> None:
 def testing_fdtrack_in_window() -> int:
     """TESTING ONLY: how many hooked calls sleep in that window now."""
     return int(lib.zmqfork_testing_fdtrack_in_window())
+
+
+def guard_recursive_mutex(address: int) -> None:
+    """Have the recursive pthread mutex at ``address`` reset to unlocked in every forked child."""
+    rc = lib.zmqfork_guard_recursive_mutex(ffi.cast("void *", address))
+    if rc != 0:
+        raise OSError(rc, f"zmqfork could not guard the mutex at {address:#x}: {os.strerror(rc)}")
