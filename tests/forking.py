@@ -2,21 +2,23 @@
 
 The child sends its result (or its traceback) down a pipe and exits with a
 status; the parent waits with a timeout, kills the child if it overruns, and
-raises if the child failed.  No child is ever left behind.
+raises if the child failed.  No child is ever left behind.  Forking itself,
+waiting and reading are zmqfork's own helpers (zmqfork._children, used by
+``python -m zmqfork doctor``); this module adds pickled results, exceptions
+and process groups for tests.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pickle
-import platform
-import select
-import signal
 import time
 import traceback
-import warnings
 from typing import Any, Callable, Iterator, Tuple
+
+from zmqfork._children import FORK_KINDS as _KIND_NAMES
+from zmqfork._children import fork_by as fork_with
+from zmqfork._children import kill_family, read_until_eof, wait_or_kill
 
 __all__ = [
     "FORK_KINDS",
@@ -33,13 +35,7 @@ __all__ = [
 #: How a child can be made: Python's os.fork (atfork handlers + Python hooks),
 #: libc fork() through ctypes (atfork handlers only), a raw clone syscall
 #: (neither: only the wipe-on-fork page can tell).
-FORK_KINDS = ("os", "libc", "raw")
-
-_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
-# PyDLL keeps the GIL held across the call, so the child starts owning it.
-_libc = ctypes.PyDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_SIGCHLD = int(signal.SIGCHLD)
+FORK_KINDS = tuple(_KIND_NAMES)
 
 
 # Process groups of the children start_child made and has not reaped yet.
@@ -53,56 +49,12 @@ class ChildFailed(AssertionError):
     """The child raised, exited non-zero, or overran its timeout."""
 
 
-def fork_with(kind: str) -> int:
-    """Fork by ``kind`` (one of FORK_KINDS); returns 0 in the child, the pid in the parent."""
-    if kind == "os":
-        with warnings.catch_warnings():
-            # Python 3.12+ warns that forking a process with threads (libzmq's) is unsafe:
-            # making that safe is the point of zmqfork.
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork.*")
-            return os.fork()
-    if kind == "libc":
-        pid = _libc.fork()
-    elif kind == "raw":
-        number = _SYS_CLONE.get(platform.machine())
-        if number is None:
-            raise RuntimeError(f"no raw clone syscall number known for {platform.machine()}")
-        pid = _libc.syscall(number, _SIGCHLD, 0, 0, 0, 0)
-    else:
-        raise ValueError(f"unknown fork kind {kind!r}; choose from {FORK_KINDS}")
-    if pid < 0:
-        raise OSError(ctypes.get_errno(), f"{kind} fork failed")
-    return int(pid)
-
-
 def wait_child(pid: int, timeout: float) -> int:
-    """Wait for ``pid`` up to ``timeout`` seconds; kill it on overrun. Returns its wait status."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() > deadline:
-            _kill_group(pid)
-            os.waitpid(pid, 0)
-            raise ChildFailed(f"child {pid} did not finish within {timeout}s and was killed")
-        time.sleep(0.005)
-
-
-def _read_all(fd: int, deadline: float) -> bytes:
-    chunks = []
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
-            break
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """Wait for ``pid`` up to ``timeout`` seconds; kill its family on overrun. Returns its wait status."""
+    status = wait_or_kill(pid, timeout)
+    if status is None:
+        raise ChildFailed(f"child {pid} did not finish within {timeout}s and was killed")
+    return status
 
 
 class Child:
@@ -116,7 +68,7 @@ class Child:
     def result(self, timeout: float = 30.0) -> Any:
         """Wait up to ``timeout`` seconds; return the child's value or raise ChildFailed."""
         try:
-            data = _read_all(self._read_end, time.monotonic() + timeout)
+            data = read_until_eof(self._read_end, time.monotonic() + timeout)
         finally:
             os.close(self._read_end)
         status = wait_child(self.pid, timeout)
@@ -165,21 +117,11 @@ def start_child(fn: Callable[[], Any], *, kind: str = "os") -> Child:
     return Child(pid, read_end, kind)
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        if pid in _live_groups:
-            os.killpg(pid, signal.SIGKILL)
-        else:
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def kill_leftover_children() -> int:
     """Kill and reap every child family start_child made and nobody waited for; returns how many."""
     killed = 0
     for pid in list(_live_groups):
-        _kill_group(pid)
+        kill_family(pid)
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-__all__ = ["FORK_KINDS", "ChildOutcome", "fork_by", "unavailable_reason", "run_in_child", "wait_or_kill", "open_fds"]
+__all__ = ["FORK_KINDS", "ChildOutcome", "fork_by", "unavailable_reason", "run_in_child", "wait_or_kill", "read_until_eof", "kill_family", "open_fds"]
 
 #: The kinds of fork, with how the report names them: Python's os.fork (atfork
 #: handlers and Python hooks), libc fork() called from C (atfork handlers
@@ -67,10 +67,21 @@ def wait_or_kill(pid: int, timeout: float) -> Optional[int]:
         if done:
             return status
         if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
+            kill_family(pid)
             os.waitpid(pid, 0)
             return None
         time.sleep(0.005)
+
+
+def kill_family(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads, or ``pid`` alone if it leads none."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already gone
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,7 @@ def run_in_child(fn: Callable[[], Any], kind: str, timeout: float) -> ChildOutco
     os.close(write_end)
     deadline = time.monotonic() + timeout
     try:
-        data = _read_until_eof(read_end, deadline)
+        data = read_until_eof(read_end, deadline)
     finally:
         os.close(read_end)
         status = wait_or_kill(pid, max(0.0, deadline - time.monotonic()) + 1.0)
@@ -123,7 +134,8 @@ def run_in_child(fn: Callable[[], Any], kind: str, timeout: float) -> ChildOutco
     return ChildOutcome(pid, value=report["ok"])
 
 
-def _read_until_eof(fd: int, deadline: float) -> bytes:
+def read_until_eof(fd: int, deadline: float) -> bytes:
+    """Everything readable from ``fd`` until EOF or ``deadline`` (a time.monotonic() value)."""
     chunks = []
     while True:
         remaining = deadline - time.monotonic()
