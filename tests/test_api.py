@@ -237,3 +237,156 @@ def test_poller_and_select_in_the_parent(ctx: zmq.Context) -> None:
     assert poller.poll(1000) == [(b, zmq.POLLIN)]
     assert zmq.select([b], [], [], 1) == ([b], [], [])
     assert b.poll(1000) == zmq.POLLIN
+
+
+# ---- bad input everywhere (issue 5, item 6) ----------------------------------------
+
+WRONG_TYPE_CASES = {
+    "connect to a non-string": lambda ctx, sock: sock.connect(123),
+    "bind to None": lambda ctx, sock: sock.bind(None),
+    "disconnect from a non-string": lambda ctx, sock: sock.disconnect(5),
+    "unbind a non-string": lambda ctx, sock: sock.unbind(5),
+    "send an int": lambda ctx, sock: sock.send(123),
+    "send with string flags": lambda ctx, sock: sock.send(b"x", flags="a"),
+    "recv with string flags": lambda ctx, sock: sock.recv(flags="x"),
+    "option named by a string": lambda ctx, sock: sock.setsockopt("LINGER", 1),
+    "option set to None": lambda ctx, sock: sock.setsockopt(zmq.LINGER, None),
+    "option value too large": lambda ctx, sock: sock.set(zmq.LINGER, 2**40),
+    "subscribe with str through set": lambda ctx, sock: sock.set(zmq.SUBSCRIBE, "x"),
+    "secret key of the wrong length": lambda ctx, sock: sock.set(zmq.CURVE_SECRETKEY, b"short"),
+    "monitor to a non-string": lambda ctx, sock: sock.monitor(5),
+    "poll with a string timeout": lambda ctx, sock: sock.poll("x"),
+    "socket type as a string": lambda ctx, sock: ctx.socket("PUSH"),
+    "context option named by a string": lambda ctx, sock: ctx.set("x", 1),
+    "context option of the wrong type": lambda ctx, sock: ctx.set(zmq.IO_THREADS, "x"),
+    "connect to an endpoint without address": lambda ctx, sock: sock.connect("tcp://"),
+    "connect to a port that is not a number": lambda ctx, sock: sock.connect("tcp://127.0.0.1:notaport"),
+    "bind on a closed socket": lambda ctx, sock: (sock.close(), sock.bind("inproc://closed")),
+    "option on a closed socket": lambda ctx, sock: (sock.close(), sock.set(zmq.LINGER, 0)),
+    "recv on a closed socket": lambda ctx, sock: (sock.close(), sock.recv()),
+    "poll on a closed socket": lambda ctx, sock: (sock.close(), sock.poll(0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_TYPE_CASES))
+def test_wrong_types_and_values_raise_what_pyzmq_raises(case: str) -> None:
+    """Every public call given a wrong type or value raises pyzmq's exception, errno and message."""
+    outcomes = []
+    for module in (pyzmq, zmq):
+        ctx = module.Context()
+        sock = ctx.socket(zmq.PUSH)
+        try:
+            WRONG_TYPE_CASES[case](ctx, sock)
+        except Exception as exc:  # noqa: BLE001 - comparing whatever each raises
+            outcomes.append((type(exc), getattr(exc, "errno", None), str(exc)))
+        else:
+            outcomes.append((None, None, "no error"))
+        finally:
+            ctx.destroy(linger=0)
+    assert outcomes[0][0] is not None, f"pyzmq raised nothing for {case}"
+    assert outcomes[1] == outcomes[0]
+
+
+@pytest.mark.parametrize(
+    "call, error, named",
+    [
+        (lambda: zmq.Context(io_threads="2"), TypeError, "io_threads"),
+        (lambda: zmq.Context(io_threads=True), TypeError, "io_threads"),
+        (lambda: zmq.Context(on_fork=3), ValueError, "on_fork"),
+        (lambda: zmq.Context().socket(zmq.PUSH, on_fork="later"), ValueError, "on_fork"),
+        (lambda: zmq.Context().socket(zmq.PUSH, socket_class=int), TypeError, "socket_class"),
+        (lambda: zmq.Socket(pyzmq.Context(), zmq.PUSH), TypeError, "zmqfork.Context"),
+    ],
+)
+def test_zmqforks_own_parameters_are_checked_by_name(call: Callable[[], Any], error: type, named: str) -> None:
+    """Parameters pyzmq does not have raise ValueError/TypeError naming what was wrong."""
+    with pytest.raises(error, match=named):
+        call()
+
+
+def test_failed_calls_are_not_replayed_in_the_child(ctx: zmq.Context) -> None:
+    """After failed setsockopt/connect/bind calls, the child's socket has only what succeeded."""
+    from forking import run_in_child
+
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 5
+    sock.connect("inproc://good")
+    for bad in (
+        lambda: sock.set(zmq.LINGER, -5),
+        lambda: sock.set(zmq.LINGER, "x"),
+        lambda: sock.set(zmq.ROUTING_ID, b""),
+        lambda: sock.connect("tcp://127.0.0.1:notaport"),
+        lambda: sock.connect(42),
+        lambda: sock.bind("carrier-pigeon://x"),
+    ):
+        with pytest.raises((zmq.ZMQError, TypeError)):
+            bad()
+
+    def child() -> Tuple[int, bytes, bytes, list]:
+        steps = [step.describe() for step in sock._recipe.steps]
+        result = sock.linger, sock.routing_id, sock.last_endpoint, steps
+        ctx.destroy(linger=0)
+        return result
+
+    assert run_in_child(child) == (5, b"", b"inproc://good", ["set(zmq.LINGER, 5)", "connect('inproc://good')"])
+
+
+# ---- secrets (issue 5, item 8) -------------------------------------------------------
+
+
+def test_secrets_never_reach_a_log_line_or_a_rebuild_error(ctx: zmq.Context) -> None:
+    """Rebuild DEBUG logs and a failed replay's error show neither CURVE secret keys nor PLAIN passwords."""
+    import binascii
+
+    from forking import run_in_child
+
+    from zmq.utils import z85
+
+    public, secret = pyzmq.curve_keypair()
+    raw_secret = z85.decode(secret)
+    password = b"correct horse battery staple"
+    curve = ctx.socket(zmq.DEALER)
+    curve.curve_secretkey = raw_secret  # the 32-byte form
+    curve.curve_publickey = public
+    curve.curve_serverkey = public
+    curve.connect("inproc://secret")
+    plain = ctx.socket(zmq.DEALER)
+    plain.plain_username = b"me"
+    plain.plain_password = password
+    plain.curve_secretkey = secret  # the z85 form
+    plain.connect("inproc://secret")
+    failing = ctx.socket(zmq.PULL, on_fork="rebind")
+    failing.plain_password = password
+    failing.curve_secretkey = secret
+    failing.bind("tcp://127.0.0.1:*")
+    fixed = failing.last_endpoint.decode()
+    failing.unbind(fixed)
+    failing.bind(fixed)  # a fixed port the parent keeps: the child's replay of it fails
+
+    def child() -> str:
+        import io
+        import logging
+
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        logger = logging.getLogger("zmqfork")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        curve.get(zmq.LINGER)
+        plain.get(zmq.LINGER)
+        shown = [stream.getvalue()]
+        try:
+            failing.get(zmq.LINGER)
+        except zmq.RebuildError as exc:
+            shown += ["RebuildError", str(exc), repr(exc), repr(exc.args), exc.step]
+        shown += [stream.getvalue(), repr(curve), repr(plain), repr(failing)]
+        ctx.destroy(linger=0)
+        return "\n".join(shown)
+
+    text = run_in_child(child)
+    assert "rebuilt" in text and "RebuildError" in text and fixed in text
+    assert "<hidden>" in text
+    for leak in (secret, raw_secret, binascii.hexlify(raw_secret), password):
+        for form in (leak.decode("latin-1"), repr(leak)):
+            assert form not in text
