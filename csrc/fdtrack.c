@@ -439,7 +439,11 @@ struct hook {
     int closes; /* 1 for close: without it the table would go stale */
 };
 
+/* close comes first: the slots are patched in this order, and a descriptor
+ * tracked while close was still unpatched could be closed untracked, leaving
+ * a stale number a child would later close for someone else. */
 static const struct hook hooks[] = {
+    {"close", (void *)hook_close, 1},
     {"socket", (void *)hook_socket, 0},
     {"accept", (void *)hook_accept, 0},
     {"accept4", (void *)hook_accept4, 0},
@@ -458,7 +462,6 @@ static const struct hook hooks[] = {
     {"__open_2", (void *)hook_open_2, 0},
     {"__open64_2", (void *)hook_open64_2, 0},
 #endif
-    {"close", (void *)hook_close, 1},
 };
 #define NHOOKS (sizeof hooks / sizeof hooks[0])
 #define MAX_SLOTS_PER_HOOK 8
@@ -602,7 +605,8 @@ static void prepare_gate(void)
 {
     if (token_ptr == NULL) {
         token_ptr = zmqfork_token();
-        __atomic_store_n(&table_token, *token_ptr, __ATOMIC_RELEASE);
+        /* refresh(), not *token_ptr: after a raw fork the token still reads 0. */
+        __atomic_store_n(&table_token, zmqfork_refresh(), __ATOMIC_RELEASE);
     }
 }
 

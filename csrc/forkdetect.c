@@ -47,6 +47,11 @@ static uint64_t next_generation(void)
 static void on_prepare(void)
 {
     int saved = errno;
+    /* A process made by a fork that skipped the handlers and not caught up
+     * yet inherited the gate as its parent's threads left it: catch up first,
+     * or the prepare step would wait for calls no thread here will finish. */
+    if (__atomic_load_n(token, __ATOMIC_SEQ_CST) == 0)
+        zmqfork_refresh();
     zmqfork__fdtrack_prepare();
     errno = saved;
 }
@@ -137,6 +142,8 @@ volatile uint64_t *zmqfork_token(void)
 
 uint64_t zmqfork_refresh(void)
 {
+    if (token == NULL)
+        return 0; /* zmqfork_init() never succeeded */
     uint64_t current = __atomic_load_n(token, __ATOMIC_SEQ_CST);
     if (current != 0)
         return current;

@@ -62,7 +62,8 @@ volatile uint64_t *zmqfork_token(void);
  * zero (a fork that skipped the atfork handlers wiped it), allocates the next
  * generation first, re-arms the token with it, and runs the descriptor
  * cleanup the child handler would have run.  Thread-safe: concurrent callers
- * agree on one token.  Async-signal-safe.
+ * agree on one token.  Async-signal-safe.  Returns 0 only if zmqfork_init()
+ * never succeeded.
  */
 uint64_t zmqfork_refresh(void);
 
