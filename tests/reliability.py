@@ -122,10 +122,11 @@ class EchoServer:
 
 # Blocking syscalls a thread can sit in without holding the malloc lock, by machine.
 _IDLE_SYSCALLS = {
-    # read, poll, select, nanosleep, futex, epoll_wait, clock_nanosleep, pselect6, ppoll, epoll_pwait
-    "x86_64": {0, 7, 23, 35, 202, 232, 230, 270, 271, 281},
-    # read, futex, nanosleep, clock_nanosleep, epoll_pwait, pselect6, ppoll
-    "aarch64": {63, 98, 101, 115, 22, 72, 73},
+    # read, poll, select, nanosleep, futex, epoll_wait, clock_nanosleep, pselect6, ppoll, epoll_pwait,
+    # restart_syscall (a blocking call resumed after a signal, e.g. a sleeping collector thread)
+    "x86_64": {0, 7, 23, 35, 202, 232, 230, 270, 271, 281, 219},
+    # read, futex, nanosleep, clock_nanosleep, epoll_pwait, pselect6, ppoll, restart_syscall
+    "aarch64": {63, 98, 101, 115, 22, 72, 73, 128},
 }
 
 
