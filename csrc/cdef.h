@@ -1,5 +1,5 @@
 /* The declarations cffi exposes to Python: a subset of zmqfork.h, kept in
- * step with it (tests/test_native.py checks that every name here is declared
+ * step with it (tests/test_detection.py checks that every name here is declared
  * there).  cffi reads this file; no C compiler includes it. */
 #define ZMQFORK_MECH_ATFORK ...
 #define ZMQFORK_MECH_WIPEONFORK ...
