@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import subprocess
 import time
 import traceback
-from typing import Any, Callable, Iterator, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from zmqfork._children import FORK_KINDS as _KIND_NAMES
 from zmqfork._children import fork_by as fork_with
@@ -28,6 +30,7 @@ __all__ = [
     "fork_with",
     "kill_leftover_children",
     "run_in_child",
+    "run_session",
     "start_child",
     "wait_child",
 ]
@@ -147,3 +150,32 @@ def fd_numbers() -> Iterator[Tuple[int, str]]:
             yield int(name), os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue
+
+
+def run_session(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, timeout: float) -> Tuple[int, str, str]:
+    """Run ``argv`` in a session of its own, with ``env`` added to this environment.
+
+    Returns (exit status, stdout, stderr).  Raises AssertionError if it
+    overruns ``timeout`` seconds; either way, whatever it left running in its
+    session is killed.
+    """
+    proc = subprocess.Popen(
+        list(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_family(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(argv)} overran {timeout}s\nstdout:\n{out}\nstderr:\n{err}") from None
+    finally:
+        try:  # anything it left behind in its session
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return proc.returncode, out, err

@@ -4,30 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from typing import Dict, Optional, Tuple
 
 import pytest
 
+from forking import run_session
+
 
 def run_cli(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 120.0) -> Tuple[int, str, str]:
     """Run ``python -m zmqfork ARGS`` in its own session; return (exit status, stdout, stderr)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zmqfork", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, err = proc.communicate()
-        raise AssertionError(f"python -m zmqfork {' '.join(args)} overran {timeout}s\n{out}\n{err}")
-    return proc.returncode, out, err
+    return run_session([sys.executable, "-m", "zmqfork", *args], env=env, timeout=timeout)
 
 
 def test_doctor_json_all_checks_pass() -> None:

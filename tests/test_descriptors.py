@@ -27,7 +27,7 @@ import zmq as pyzmq
 
 import zmqfork
 from zmqfork import _native
-from forking import ChildFailed, fork_with, run_in_child, wait_child
+from forking import ChildFailed, fork_with, run_in_child, run_session, wait_child
 
 TESTS = Path(__file__).resolve().parent
 NATIVE = TESTS / "native"
@@ -42,30 +42,13 @@ pytestmark = pytest.mark.skipif(not ON_LINUX, reason="descriptor tracking is Lin
 
 def run_python(code: str, *args: str, env: Optional[Dict[str, str]] = None, timeout: float = 60.0) -> str:
     """Run ``code`` in a fresh interpreter (own session); return stdout, raise on failure or overrun."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), full_env.get("PYTHONPATH", "")]))
-    full_env.update(env or {})
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=full_env,
-        start_new_session=True,
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    status, out, err = run_session(
+        [sys.executable, "-c", textwrap.dedent(code), *args], env={"PYTHONPATH": path, **(env or {})}, timeout=timeout
     )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, err = proc.communicate()
-        raise AssertionError(f"script overran {timeout}s\nstdout:\n{out.decode()}\nstderr:\n{err.decode()}")
-    finally:
-        try:  # anything the script left behind in its session
-            os.killpg(proc.pid, 9)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if proc.returncode != 0:
-        raise AssertionError(f"script failed ({proc.returncode})\nstdout:\n{out.decode()}\nstderr:\n{err.decode()}")
-    return out.decode()
+    if status != 0:
+        raise AssertionError(f"script failed ({status})\nstdout:\n{out}\nstderr:\n{err}")
+    return out
 
 
 def last_json(output: str) -> object:

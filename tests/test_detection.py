@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import zmqfork
-from forking import run_in_child
+from forking import run_in_child, run_session
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -20,15 +20,11 @@ HERE = Path(__file__).resolve().parent
 
 def run_python(code: str, **env: str) -> str:
     """Run ``code`` in a fresh interpreter with extra environment; return its stdout."""
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, "PYTHONPATH": str(HERE), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    status, out, err = run_session(
+        [sys.executable, "-c", textwrap.dedent(code)], env={"PYTHONPATH": str(HERE), **env}, timeout=60
     )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    assert status == 0, err
+    return out
 
 
 def test_generation_is_stable_in_the_parent_and_new_in_every_child() -> None:
@@ -58,7 +54,7 @@ def test_handlers_are_installed_once_however_often_the_module_is_reloaded() -> N
         for _ in range(5):
             importlib.reload(zmqfork._native)
             importlib.reload(zmqfork)
-        from forking import run_in_child
+        from forking import run_in_child, run_session
         parent = zmqfork.generation()
         child = run_in_child(lambda: zmqfork._native.TOKEN[0], kind="libc")
         print(child - parent)
@@ -70,7 +66,7 @@ def test_handlers_are_installed_once_however_often_the_module_is_reloaded() -> N
 
 FALLBACK_CHECK = """
     import zmqfork as zmq
-    from forking import run_in_child
+    from forking import run_in_child, run_session
     report = zmq.detection()
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
