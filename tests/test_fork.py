@@ -589,3 +589,29 @@ def test_frame_freed_in_child_while_a_parent_thread_held_pyzmqs_gc_lock(ctx: zmq
     finally:
         release.set()
         holder.join(10)
+
+
+def test_messages_queued_in_the_parent_stay_in_the_parent(ctx: zmq.Context) -> None:
+    """The child's rebuilt socket starts empty: what the parent queued is neither carried over nor sent twice."""
+    push = ctx.socket(zmq.PUSH)
+    push.connect("inproc://queued")  # nobody has bound it yet: the messages wait in the parent's queue
+    for number in range(3):
+        push.send_string(f"queued in parent {number}")
+
+    def child() -> List[str]:
+        pull = ctx.socket(zmq.PULL)
+        pull.rcvtimeo = TIMEOUT_MS
+        pull.bind("inproc://queued")
+        push.send_string("sent by child")
+        push.send_string("end")  # one queue, in order: anything carried over would come first
+        received = []
+        while not received or received[-1] != "end":
+            received.append(pull.recv_string())
+        ctx.destroy(linger=0)
+        return received
+
+    assert run_in_child(child) == ["sent by child", "end"]
+    pull = ctx.socket(zmq.PULL)
+    pull.rcvtimeo = TIMEOUT_MS
+    pull.bind("inproc://queued")
+    assert [pull.recv_string() for _ in range(3)] == [f"queued in parent {n}" for n in range(3)]
