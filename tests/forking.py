@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from zmqfork._children import FORK_KINDS as _KIND_NAMES
 from zmqfork._children import fork_by as fork_with
-from zmqfork._children import kill_family, read_until_eof, wait_or_kill
+from zmqfork._children import kill_family, read_until_eof, wait_or_kill, write_all
 
 __all__ = [
     "FORK_KINDS",
@@ -105,9 +105,7 @@ def start_child(fn: Callable[[], Any], *, kind: str = "os") -> Child:
                 code = 0
             except BaseException:
                 payload = pickle.dumps(("error", traceback.format_exc()))
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(write_end, view):]
+            write_all(write_end, payload)
         finally:
             os._exit(code)
     os.close(write_end)

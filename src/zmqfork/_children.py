@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-__all__ = ["FORK_KINDS", "ChildOutcome", "fork_by", "unavailable_reason", "run_in_child", "wait_or_kill", "read_until_eof", "kill_family", "open_fds"]
+__all__ = ["FORK_KINDS", "ChildOutcome", "fork_by", "unavailable_reason", "run_in_child", "wait_or_kill", "read_until_eof", "write_all", "kill_family", "open_fds"]
 
 #: The kinds of fork, with how the report names them: Python's os.fork (atfork
 #: handlers and Python hooks), libc fork() called from C (atfork handlers
@@ -109,9 +109,7 @@ def run_in_child(fn: Callable[[], Any], kind: str, timeout: float) -> ChildOutco
                 code = 0
             except BaseException:
                 payload = json.dumps({"error": traceback.format_exc()}).encode()
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(write_end, view) :]
+            write_all(write_end, payload)
         finally:
             os._exit(code)
     os.close(write_end)
@@ -132,6 +130,13 @@ def run_in_child(fn: Callable[[], Any], kind: str, timeout: float) -> ChildOutco
     if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
         return ChildOutcome(pid, error=f"the child exited with wait status {status}")
     return ChildOutcome(pid, value=report["ok"])
+
+
+def write_all(fd: int, payload: bytes) -> None:
+    """Write all of ``payload`` to ``fd``, however many writes it takes."""
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def read_until_eof(fd: int, deadline: float) -> bytes:
