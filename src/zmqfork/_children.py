@@ -12,6 +12,7 @@ import os
 import platform
 import select
 import signal
+import threading
 import time
 import traceback
 import warnings
@@ -26,6 +27,14 @@ __all__ = ["FORK_KINDS", "ChildOutcome", "fork_by", "unavailable_reason", "run_i
 FORK_KINDS: Dict[str, str] = {"os": "os.fork()", "libc": "libc fork()", "raw": "raw clone syscall"}
 
 _SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+# Syscalls a thread sleeps in while it holds no libc lock: waiting for I/O,
+# a timer, a child or a futex (a futex waiter wants a lock, it does not hold it).
+_WAITING_SYSCALLS = {
+    "x86_64": {0, 7, 23, 35, 43, 45, 61, 202, 230, 232, 270, 271, 281, 288, 441},
+    "aarch64": {22, 63, 72, 73, 98, 101, 115, 202, 207, 242, 260, 441},
+}
+#: How long a raw clone waits for the other threads to go quiet before it forks anyway.
+RAW_CLONE_QUIET_WAIT = 2.0
 # PyDLL keeps the GIL held across the call, so the child starts owning it.
 _libc = ctypes.PyDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -51,12 +60,40 @@ def fork_by(kind: str) -> int:
         reason = unavailable_reason(kind)
         if reason is not None:
             raise OSError(reason)
+        _wait_until_other_threads_wait(time.monotonic() + RAW_CLONE_QUIET_WAIT)
         pid = int(_libc.syscall(_SYS_CLONE[platform.machine()], int(signal.SIGCHLD), 0, 0, 0, 0))
     else:
         raise ValueError(f"unknown fork kind {kind!r}; choose from {', '.join(FORK_KINDS)}")
     if pid < 0:
         raise OSError(ctypes.get_errno(), f"{FORK_KINDS[kind]} failed")
     return pid
+
+
+def _wait_until_other_threads_wait(deadline: float) -> None:
+    """Wait until every other thread sleeps in a waiting syscall, or until ``deadline``.
+
+    A raw clone copies the locks other threads hold at that instant (glibc's
+    malloc arenas among them) and, unlike libc fork(), nothing resets them in
+    the child: a child whose first allocation wants such a lock waits forever.
+    libzmq's I/O threads are busy for a moment after each connect or send, so
+    the clone is made once they are back in epoll_wait.  Best effort: a
+    process with a busy thread is cloned anyway at the deadline.
+    """
+    waiting = _WAITING_SYSCALLS.get(platform.machine(), set())
+    me = str(threading.get_native_id())
+    while time.monotonic() < deadline:
+        if all(_in_waiting_syscall(tid, waiting) for tid in os.listdir("/proc/self/task") if tid != me):
+            return
+        time.sleep(0.0005)
+
+
+def _in_waiting_syscall(tid: str, waiting: set[int]) -> bool:
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            first = f.read().split(maxsplit=1)
+    except OSError:
+        return True  # the thread exited
+    return bool(first) and first[0].isdigit() and int(first[0]) in waiting
 
 
 def wait_or_kill(pid: int, timeout: float) -> Optional[int]:
