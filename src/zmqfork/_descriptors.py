@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import sys
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import zmq  # noqa: F401  - loads pyzmq's backend, whose libzmq is hooked
 
@@ -30,8 +29,7 @@ _BACKEND_MODULES = ("zmq.backend.cython._zmq", "zmq.backend.cffi._cffi")
 _skipped_reason: Optional[str] = None
 
 
-@dataclass(frozen=True)
-class DescriptorTracking:
+class DescriptorTracking(NamedTuple):
     """Whether libzmq's descriptors are tracked, where, and what was closed.
 
     ``reason`` says why tracking is off (None when on).  ``object`` is the

@@ -130,7 +130,7 @@ def report(checks: List[Check]) -> Dict[str, Any]:
         "libzmq": pyzmq.zmq_version(),
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",
-        "detection": dataclasses.asdict(zmqfork.detection()),
+        "detection": zmqfork.detection()._asdict(),
         "checks": [dataclasses.asdict(check) for check in checks],
         "ok": all(check.status == "pass" for check in checks),
     }

@@ -8,8 +8,7 @@ a disconnect its connect, an unbind its bind, a ``monitor(None)`` the monitor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, NamedTuple, Optional
 
 import zmq
 
@@ -24,8 +23,7 @@ SECRET_OPTIONS = frozenset({zmq.CURVE_SECRETKEY, zmq.PLAIN_PASSWORD})
 _CUMULATIVE_OPTIONS = frozenset({zmq.SUBSCRIBE, zmq.UNSUBSCRIBE})
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One recorded call: ``kind`` is "set", "connect", "disconnect", "bind", "monitor", "join"."""
 
     kind: str
@@ -47,7 +45,8 @@ class Step:
             return f"join({self.value!r})"
         return f"{self.kind}({self.endpoint!r})"
 
-    __repr__ = describe
+    def __repr__(self) -> str:
+        return self.describe()
 
 
 def _is_inproc(step: Step) -> bool:

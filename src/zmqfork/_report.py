@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 from zmqfork import _descriptors, _native
 from zmqfork._generation import current_token
@@ -11,8 +10,7 @@ from zmqfork._generation import current_token
 __all__ = ["Detection", "detection", "generation"]
 
 
-@dataclass(frozen=True)
-class Detection:
+class Detection(NamedTuple):
     """Which fork-detection mechanisms are in force in this process, and why the others are not.
 
     ``atfork``: pthread_atfork handlers (forks through libc ``fork()``, including
@@ -30,7 +28,7 @@ class Detection:
 
     atfork: bool
     wipeonfork: bool
-    unavailable: Dict[str, str] = field(default_factory=dict)
+    unavailable: Dict[str, str]
     fdtrack: bool = False
     fdtrack_object: Optional[str] = None
     fdtrack_functions: Tuple[str, ...] = ()
