@@ -376,3 +376,17 @@ def test_secrets_never_reach_a_log_line_or_a_rebuild_error(ctx: zmq.Context) -> 
     for leak in (secret, raw_secret, binascii.hexlify(raw_secret), password):
         for form in (leak.decode("latin-1"), repr(leak)):
             assert form not in text
+
+
+def test_import_leaves_logging_and_dataclasses_to_the_application() -> None:
+    """Importing zmqfork loads neither logging (its fork hooks slow every os.fork) nor dataclasses (inspect, ast)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, zmq; before = set(sys.modules); import zmqfork; "
+        "print(' '.join(sorted({'logging', 'dataclasses', 'inspect', 'ast'} & (set(sys.modules) - before))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"importing zmqfork loaded {done.stdout.strip()}"

@@ -10,14 +10,13 @@ explicit ``zmqfork.check_fork()``.
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, List, Tuple
 
+from zmqfork import _log
 from zmqfork._native import TOKEN, refresh
 
 __all__ = ["register_at_fork", "run_after_fork_callbacks"]
 
-log = logging.getLogger("zmqfork")
 
 # (callback, token of the generation that registered it), in registration order.
 _callbacks: List[Tuple[Callable[[], object], int]] = []
@@ -56,4 +55,4 @@ def run_after_fork_callbacks(token: int) -> None:
         try:
             callback()
         except Exception:
-            log.exception("zmqfork: after-fork callback %r raised in the child", callback)
+            _log.exception("zmqfork: after-fork callback %r raised in the child", callback)

@@ -7,7 +7,6 @@ without calling libzmq.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar, Dict, Optional, Type, TypeVar
 from weakref import WeakSet
 
@@ -15,6 +14,7 @@ import zmq
 from zmq.backend import Context as _BackendContext
 from zmq.sugar.attrsettr import AttributeSetter
 
+from zmqfork import _log
 from zmqfork._abandon import abandon_context
 from zmqfork._generation import TOKEN, current_token, generation_lock
 from zmqfork._policy import check_policy
@@ -22,7 +22,6 @@ from zmqfork.socket import Socket
 
 __all__ = ["Context"]
 
-log = logging.getLogger("zmqfork")
 
 _C = TypeVar("_C", bound="Context")
 _PyzmqContext = zmq.Context
@@ -115,7 +114,7 @@ class Context(AttributeSetter):
             zctx.set(option, value)
         self._zctx = zctx
         self._token = token
-        log.debug("zmqfork: new context for %r in forked child", self)
+        _log.debug("zmqfork: new context for %r in forked child", self)
 
     def _live(self) -> zmq.Context[Any]:
         return self._current(current_token())

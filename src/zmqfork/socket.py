@@ -9,12 +9,12 @@ monitors in their original order, and binds according to ``on_fork``.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any, Optional
 
 import zmq
 from zmq.backend import Socket as _BackendSocket
 
+from zmqfork import _log
 from zmqfork._abandon import abandon_socket
 from zmqfork._generation import STALE, TOKEN, current_token, generation_lock
 from zmqfork._options import add_option_properties, option_for_attribute
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Socket"]
 
-log = logging.getLogger("zmqfork")
 
 # The compiled backend's send and recv: pyzmq's own Socket.send is a Python
 # method that only adds routing_id/group handling on top of it.
@@ -116,7 +115,7 @@ class Socket:
             # Keep the abandoned socket: it raises what a closed pyzmq socket raises.
             self._closed = True
             self._token = token
-            log.debug("zmqfork: %r closed in forked child (on_fork=%r)", self, self._on_fork)
+            _log.debug("zmqfork: %r closed in forked child (on_fork=%r)", self, self._on_fork)
             return
         rebind = self._on_fork == "rebind"
         bound = self._recipe.bound_endpoints()
@@ -130,7 +129,7 @@ class Socket:
             self._fail(exc)
         self._sock = sock
         self._token = token
-        log.debug("zmqfork: rebuilt %r in forked child from %r", self, self._recipe)
+        _log.debug("zmqfork: rebuilt %r in forked child from %r", self, self._recipe)
 
     def _fail(self, error: zmq.ZMQError) -> None:
         """Make every later call raise ``error`` (until close), and raise it now."""
