@@ -131,9 +131,9 @@ def fmt_ns(ns: Optional[float]) -> str:
     """A duration in ns, printed with a unit that keeps it short."""
     if ns is None:
         return "-"
-    if ns < 10_000:
+    if abs(ns) < 10_000:
         return f"{ns:.0f} ns"
-    if ns < 10_000_000:
+    if abs(ns) < 10_000_000:
         return f"{ns / 1000:.1f} µs"
     return f"{ns / 1e6:.1f} ms"
 

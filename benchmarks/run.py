@@ -7,7 +7,8 @@ Sections (``--only`` takes a comma-separated subset):
 - ``forkcost`` fork() latency, parent side and child start, with 0..1000 live tcp sockets;
 - ``rebuild``  the child's first send on an inherited proxy against a hand-made rebuild;
 - ``chain``    the fork chain under ``ulimit -n 1024``;
-- ``detect``   which alternative works after os.fork / libc fork / raw clone.
+- ``detect``   which alternative works after os.fork / libc fork / raw clone;
+- ``fdtrack``  what descriptor tracking costs: a hooked call, and the child's cleanup.
 
 Prints the tables, writes JSON (default benchmarks/results/latest.json) and
 the same tables as Markdown (benchmarks/results/latest.md; ``--markdown PATH``
@@ -32,7 +33,7 @@ sys.path.insert(0, HERE)
 
 from common import ALT_LABEL, ALTERNATIVES, environment, fmt_cell, fmt_ns  # noqa: E402
 
-SECTIONS = ("percall", "forkcost", "rebuild", "chain", "detect")
+SECTIONS = ("percall", "forkcost", "rebuild", "chain", "detect", "fdtrack")
 
 
 def _log(msg: str) -> None:
@@ -97,6 +98,60 @@ def targets(res: Dict[str, Any], quick: bool) -> List[Dict[str, Any]]:
 
 
 # ---- rendering ----------------------------------------------------------------------------
+
+
+def _fdtrack_parts(ft: Dict[str, Any]) -> List[str]:
+    """Section 6: the hooked call's overhead and the child's cleanup, hooks on vs off."""
+    rows = []
+    w, sc = ft["wrapper"], ft["socket_cycle"]
+    names = {"t_loop_close_bad": "wrapper alone: close(-1) (EBADF) in a C loop",
+             "t_loop_eventfd_close": "wrapper alone: eventfd + close in a C loop"}
+    if "error" in w:
+        rows.append(["wrapper alone", "", "error", w["error"][:80], ""])
+    else:
+        for loop, c in w["loops"].items():
+            rows.append([names[loop], str(c["hooked_calls"]), fmt_cell(c["on"]), fmt_cell(c["off"]),
+                         fmt_cell(c["per_call"])])
+    if "error" in sc:
+        rows.append(["libzmq: zmq_socket + zmq_close", "", "error", sc["error"][:80], ""])
+    else:
+        rows.append(["libzmq: zmq_socket + zmq_close (CPU time, all threads)", str(sc["hooked_calls"]),
+                     fmt_cell(sc["on"]), fmt_cell(sc["off"]), fmt_cell(sc["per_call"])])
+    parts = ["## 6. Descriptor tracking cost (hooks on vs off)", "",
+             "Hooked call: ns per operation. 'Off' is an unhooked copy of the same object (wrapper alone) or "
+             "`ZMQFORK_DISABLE=fdtrack` in a worker of the same shape (libzmq); 'per hooked call' is the median "
+             "[interquartile range] of the per-repetition differences on − off, divided by the hooked calls per "
+             "operation (for libzmq counted with strace -f: the mailbox's eventfd on the calling thread, its "
+             "close on the reaper)."
+             + ("" if "error" in w else f" Wrapper: {w['repetitions']} repetitions of {w['iterations']} iterations "
+                f"after {w['warmup']} warm-up.")
+             + ("" if "error" in sc else f" libzmq: {sc['repetitions']} repetitions of {sc['batch']} cycles after "
+                f"{sc['warmup']} warm-up; a socket adds {sc['on']['tracked_per_socket']:g} tracked descriptor, "
+                f"{sc['on']['tracked_left_after_close']} left after closing."), "",
+             _table(["operation", "hooked calls", "hooks on", "hooks off", "per hooked call"], rows), ""]
+    cl = ft["cleanup"]
+    if "error" in cl:
+        return parts + [f"Child cleanup: error {cl['error'][:200]}", ""]
+    rows = []
+    for n, row in cl["cases"].items():
+        on, off = row["on"], row["off"]
+        shape = [f"{on['fds']} ({on['tracked']})", ",".join(map(str, on["closed"])),
+                 f"{','.join(map(str, on['child_fds']))} / {','.join(map(str, off['child_fds']))}"]
+        for key, label in (("child_ns", "child start (wall)"), ("child_cpu_ns", "child's CPU time")):
+            rows.append([n, label] + shape + [fmt_cell(on[key]), fmt_cell(off[key]), fmt_cell(row["difference"][key]),
+                                              fmt_cell(row["per_fd"][key])])
+    failed = [f"{n} sockets: {row['on']['failures']} on, {row['off']['failures']} off"
+              for n, row in cl["cases"].items() if row["on"]["failures"] or row["off"]["failures"]]
+    return parts + [
+        "Child cleanup: os.fork() with N PUSH sockets connected over tcp; child start is the parent's stamp "
+        "before fork() to the child's first instruction (the atfork child handler, which closes the tracked "
+        "descriptors, runs inside fork()); the child's CPU time at that instruction leaves out the parent's "
+        f"side of fork() and scheduling. {cl['rounds']} interleaved worker rounds x {cl['forks_per_worker']} "
+        f"forks ({cl['warmup_forks']} warm-up forks per worker discarded); on − off and per closed descriptor "
+        "are the median [interquartile range] over rounds of the difference of that round's medians.", "",
+        _table(["sockets", "measure", "parent's fds (tracked)", "closed in child", "child's fds, on / off",
+                "hooks on", "hooks off", "on − off", "per closed descriptor"], rows), ""] + (
+        [f"Forks whose child did not report: {'; '.join(failed)}.", ""] if failed else [])
 
 
 def render(result: Dict[str, Any]) -> str:
@@ -213,6 +268,8 @@ def render(result: Dict[str, Any]) -> str:
             rows.append([ALT_LABEL[alt]] + cells)
         parts += ["## 5. Detection matrix (REQ/REP round trip on the inherited socket, run, not written down)", "",
                   _table(["alternative", "os.fork()", "libc fork() via ctypes", "raw clone syscall"], rows), ""]
+    if "fdtrack" in res:
+        parts += _fdtrack_parts(res["fdtrack"])
     for name, err in result.get("errors", {}).items():
         parts += [f"Section {name} crashed: {err.splitlines()[-1]}", ""]
     return "\n".join(parts)
