@@ -48,6 +48,7 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int) -> Dict[str, Any]:
     sink_ctx = zmq.Context()
     sink_ctx.set(zmq.MAX_SOCKETS, nsockets + 64)
     sink = sink_ctx.socket(zmq.PULL)
+    sink.set(zmq.BACKLOG, nsockets + 64)  # else connects beyond the default 100 wait for SYN retries
     addr = free_tcp_endpoint()
     sink.bind(addr)
     ctx = alt.Context()
