@@ -83,6 +83,8 @@ export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}"
 export ZMQFORK_STORM_MESSAGES="${ZMQFORK_STORM_MESSAGES:-20000}"
 export ZMQFORK_STORM_CHILDREN="${ZMQFORK_STORM_CHILDREN:-30}"
 export ZMQFORK_RACE_FORKS="${ZMQFORK_RACE_FORKS:-60}"
+# Still past the chain's ulimit -n 1024; 4096 generations take over 5 minutes here.
+export ZMQFORK_CHAIN_GENERATIONS="${ZMQFORK_CHAIN_GENERATIONS:-1100}"
 
 # reported DIR: a sanitizer report is in DIR's report files or in DIR/output.
 reported() {
