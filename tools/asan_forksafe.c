@@ -10,8 +10,18 @@
  * compiler-rt runtimes register an atfork handler that takes the thread
  * registry, allocator and stack depot locks before fork and releases them
  * after, in parent and child (see google/sanitizers#774); this file registers
- * the same handler for runtimes that lack it.  The lock functions are internal
+ * such a handler for runtimes that lack it.  The lock functions are internal
  * to libasan (local symbols), so they are looked up in its .symtab.
+ *
+ * Not the stack depot: locking its million buckets takes 6-8 ms per fork and
+ * dirties its whole 8 MB table (copied on write in parent and child).  A
+ * prepare handler that slow is longer than CPython's 5 ms switch interval: a
+ * Python thread waiting for the GIL then sets its drop request, the child of
+ * a libc fork (made with the GIL held, no PyOS_AfterFork_Child) inherits it,
+ * and the child's only thread waits in drop_gil for a thread that is not
+ * there.  A bucket is locked only while a new stack trace is inserted, so
+ * leaving it out costs a hang only if the child then inserts into that same
+ * bucket of a million.
  *
  * os.fork() and libc fork() run atfork handlers; a raw clone syscall runs
  * none and stays unprotected (zmqfork._children waits for the other threads
@@ -43,16 +53,14 @@
 
 typedef void (*lock_fn)(void);
 
-/* In LLVM's order (asan_posix.cpp, BeforeFork): threads, allocator, stack depot. */
+/* In LLVM's order (asan_posix.cpp, BeforeFork): threads, then allocator. */
 static const char *const lock_names[] = {
     "_ZN6__lsan18LockThreadRegistryEv", /* __lsan::LockThreadRegistry() */
     "_ZN6__lsan13LockAllocatorEv",      /* __lsan::LockAllocator() */
-    "_ZN11__sanitizer17StackDepotLockAllEv", /* __sanitizer::StackDepotLockAll() */
 };
 static const char *const unlock_names[] = {
     "_ZN6__lsan20UnlockThreadRegistryEv",
     "_ZN6__lsan15UnlockAllocatorEv",
-    "_ZN11__sanitizer19StackDepotUnlockAllEv",
 };
 #define NLOCKS (sizeof lock_names / sizeof lock_names[0])
 
