@@ -14,10 +14,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import List, Tuple
 
 import pytest
+import zmq as pyzmq
 
 import zmqfork as zmq
 from forking import FORK_KINDS, ChildFailed, fork_with, run_in_child, start_child, wait_child
@@ -86,8 +88,15 @@ def test_child_killed_mid_send(ctx: zmq.Context, kind: str) -> None:
     fork_quietly(kind)
     survivor = start_child(sibling, kind=kind)
     received = [first]
-    while [b"parent", b"1", b""] not in received or [b"sibling", b"0", b""] not in received:
-        received.append(pull.recv_multipart())
+    expected = [[b"parent", b"1", b""], [b"sibling", b"0", b""]]
+    while any(message not in received for message in expected):
+        try:
+            received.append(pull.recv_multipart())
+        except zmq.Again:
+            missing = [message for message in expected if message not in received]
+            raise AssertionError(
+                f"nothing arrived for {TIMEOUT_MS} ms; missing {missing} (sibling pid {survivor.pid})"
+            ) from None
     assert survivor.result() == survivor.pid
     # Whatever the victim got through came whole and in order: no torn multipart message.
     from_victim = [m for m in received if m[0] == b"child"]
@@ -112,9 +121,41 @@ def test_child_killed_mid_send(ctx: zmq.Context, kind: str) -> None:
     assert zmq.detection().fds_tracked == tracked
 
 
+class ProxyEcho:
+    """An echo server that stays in C: libzmq's steerable proxy with one ROUTER as both ends, in a thread.
+
+    EchoServer's thread comes back to Python every 50 ms and then waits for the
+    GIL; if it waits longer than the switch interval while a libc fork is made
+    (with the GIL held), its drop request is copied into the child, which gets
+    no PyOS_AfterFork_Child: the child's only thread then waits in drop_gil for
+    a thread it does not have.  This thread never asks for the GIL until stop().
+    """
+
+    def __init__(self) -> None:
+        self._ctx = pyzmq.Context()
+        router = self._ctx.socket(pyzmq.ROUTER)
+        router.linger = 0
+        self.endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+        control = self._ctx.socket(pyzmq.PAIR)
+        control.bind("inproc://proxy-echo-control")
+        self._steer = self._ctx.socket(pyzmq.PAIR)
+        self._steer.connect("inproc://proxy-echo-control")
+        self._thread = threading.Thread(
+            target=pyzmq.proxy_steerable, args=(router, router, None, control), name="proxy-echo", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the proxy and its context; raise if the thread does not end."""
+        self._steer.send(b"TERMINATE")
+        self._thread.join(10)
+        assert not self._thread.is_alive(), "proxy echo thread did not stop"
+        self._ctx.destroy(linger=0)
+
+
 def test_children_exit_without_closing_anything(ctx: zmq.Context) -> None:
     """Children (each fork kind) that round-trip on inherited sockets and _exit without closing: the parent leaks nothing."""
-    echo = EchoServer(ctx)
+    echo = ProxyEcho()  # not EchoServer: no Python thread may wait for the GIL across a libc fork
     dealer = ctx.socket(zmq.DEALER)
     dealer.rcvtimeo = TIMEOUT_MS
     dealer.connect(echo.endpoint)
