@@ -4,7 +4,12 @@
 # this setup, run the test suite against the module, and fail on any report
 # (from the test process or any child it forked).
 #
-#   tools/sanitize.sh [pytest args...]     (default: the whole suite, stress counts lowered)
+#   tools/sanitize.sh [pytest args...]     (default: the whole suite but test_arch.py, stress counts lowered)
+#
+# tests/test_arch.py is left out by default: it never loads the Python module
+# (it builds and runs its own drivers, natively and under qemu-aarch64), and
+# with libasan preloaded into qemu, a host program, its aarch64 runs failed 2
+# times in 3 (zmqfork_init: ENOMEM) where they pass without the preload.
 #
 # The build is the normal one (csrc/build_native.py, -Wall -Wextra -Werror)
 # plus the sanitizer flags.  Python itself is not instrumented: libasan is
@@ -144,12 +149,13 @@ canary stack_overflow process "AddressSanitizer: stack-buffer-overflow"
 canary shift_overflow process "runtime error: shift exponent 40 is too large"
 
 echo "== tests against the sanitized module"
+if (($#)); then tests=("$@"); else tests=(tests --ignore=tests/test_arch.py); fi
 # --capture=sys: the sanitizer runtimes write to descriptor 2, which then stays
 # the real stderr, so a report is seen even when it kills the process that made it.
 status=0
 mkdir -p "$work/tests"
 ASAN_OPTIONS="$asan_options:log_path=$work/tests/report" UBSAN_OPTIONS="$ubsan_options:log_path=$work/tests/report" \
-    "$python" -m pytest -q -p no:cacheprovider --capture=sys "${@:-tests}" 2>&1 | tee "$work/tests/output" || status=$?
+    "$python" -m pytest -q -p no:cacheprovider --capture=sys "${tests[@]}" 2>&1 | tee "$work/tests/output" || status=$?
 
 if reported "$work/tests"; then
     echo "== sanitizer reports" >&2
