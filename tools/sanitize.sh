@@ -90,6 +90,8 @@ export ZMQFORK_STORM_CHILDREN="${ZMQFORK_STORM_CHILDREN:-30}"
 export ZMQFORK_RACE_FORKS="${ZMQFORK_RACE_FORKS:-60}"
 # Still past the chain's ulimit -n 1024; 4096 generations take over 5 minutes here.
 export ZMQFORK_CHAIN_GENERATIONS="${ZMQFORK_CHAIN_GENERATIONS:-1100}"
+# 600 model examples take about 110 s here under ASan; 200 keep the step near 2 minutes.
+export ZMQFORK_MODEL_EXAMPLES="${ZMQFORK_MODEL_EXAMPLES:-200}"
 
 # reported DIR: a sanitizer report is in DIR's report files or in DIR/output.
 reported() {
