@@ -10,6 +10,7 @@ from typing import Callable, Dict, Iterator, List
 import pytest
 
 import zmqfork as zmq
+from zmqfork._children import wait_for_other_threads_to_wait
 
 __all__ = [
     "EchoServer",
@@ -120,16 +121,6 @@ class EchoServer:
         assert not self.errors, f"echo server failed: {self.errors!r}"
 
 
-# Blocking syscalls a thread can sit in without holding the malloc lock, by machine.
-_IDLE_SYSCALLS = {
-    # read, poll, select, nanosleep, futex, epoll_wait, clock_nanosleep, pselect6, ppoll, epoll_pwait,
-    # restart_syscall (a blocking call resumed after a signal, e.g. a sleeping collector thread)
-    "x86_64": {0, 7, 23, 35, 202, 232, 230, 270, 271, 281, 219},
-    # read, futex, nanosleep, clock_nanosleep, epoll_pwait, pselect6, ppoll, restart_syscall
-    "aarch64": {63, 98, 101, 115, 22, 72, 73, 128},
-}
-
-
 def wait_other_threads_idle(timeout: float = 10.0, samples: int = 3) -> None:
     """Return once every other thread of this process sits in a blocking syscall, ``samples`` checks in a row.
 
@@ -140,24 +131,5 @@ def wait_other_threads_idle(timeout: float = 10.0, samples: int = 3) -> None:
     process with threads call this first, after making sure nothing will wake
     those threads.
     """
-    import platform
-
-    idle = _IDLE_SYSCALLS[platform.machine()]
-    me = threading.get_native_id()
-    deadline = time.monotonic() + timeout
-    in_a_row = 0
-    while in_a_row < samples:
-        busy = []
-        for tid in os.listdir("/proc/self/task"):
-            if int(tid) == me:
-                continue
-            try:
-                with open(f"/proc/self/task/{tid}/syscall") as handle:
-                    fields = handle.read().split()
-            except OSError:  # the thread ended
-                continue
-            if not fields or not fields[0].isdigit() or int(fields[0]) not in idle:
-                busy.append((tid, fields[:1]))
-        in_a_row = 0 if busy else in_a_row + 1
-        assert time.monotonic() < deadline, f"threads never went idle: {busy}"
-        time.sleep(0.002)
+    busy = wait_for_other_threads_to_wait(timeout, samples)
+    assert not busy, f"threads never went idle (tid, syscall): {busy}"

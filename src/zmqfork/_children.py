@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-__all__ = ["FORK_KINDS", "ChildOutcome", "fork_by", "unavailable_reason", "run_in_child", "wait_or_kill", "read_until_eof", "write_all", "kill_family", "open_fds"]
+__all__ = ["FORK_KINDS", "ChildOutcome", "fork_by", "unavailable_reason", "run_in_child", "wait_or_kill", "read_until_eof", "write_all", "kill_family", "open_fds", "wait_for_other_threads_to_wait"]
 
 #: The kinds of fork, with how the report names them: Python's os.fork (atfork
 #: handlers and Python hooks), libc fork() called from C (atfork handlers
@@ -27,11 +27,16 @@ __all__ = ["FORK_KINDS", "ChildOutcome", "fork_by", "unavailable_reason", "run_i
 FORK_KINDS: Dict[str, str] = {"os": "os.fork()", "libc": "libc fork()", "raw": "raw clone syscall"}
 
 _SYS_CLONE = {"x86_64": 56, "aarch64": 220}
-# Syscalls a thread sleeps in while it holds no libc lock: waiting for I/O,
-# a timer, a child or a futex (a futex waiter wants a lock, it does not hold it).
+# Syscalls a thread sleeps in while it holds no libc lock: waiting for I/O, a
+# timer, a child or a futex (a futex waiter wants a lock, it does not hold it),
+# or resuming one of those after a signal (restart_syscall).
 _WAITING_SYSCALLS = {
-    "x86_64": {0, 7, 23, 35, 43, 45, 61, 202, 230, 232, 270, 271, 281, 288, 441},
-    "aarch64": {22, 63, 72, 73, 98, 101, 115, 202, 207, 242, 260, 441},
+    # read, poll, select, nanosleep, accept, recvfrom, wait4, futex, restart_syscall,
+    # clock_nanosleep, epoll_wait, pselect6, ppoll, epoll_pwait, accept4, epoll_pwait2
+    "x86_64": {0, 7, 23, 35, 43, 45, 61, 202, 219, 230, 232, 270, 271, 281, 288, 441},
+    # epoll_pwait, read, pselect6, ppoll, futex, nanosleep, clock_nanosleep, restart_syscall,
+    # accept, recvfrom, accept4, wait4, epoll_pwait2
+    "aarch64": {22, 63, 72, 73, 98, 101, 115, 128, 202, 207, 242, 260, 441},
 }
 #: How long a raw clone waits for the other threads to go quiet before it forks anyway.
 RAW_CLONE_QUIET_WAIT = 2.0
@@ -60,7 +65,7 @@ def fork_by(kind: str) -> int:
         reason = unavailable_reason(kind)
         if reason is not None:
             raise OSError(reason)
-        _wait_until_other_threads_wait(time.monotonic() + RAW_CLONE_QUIET_WAIT)
+        wait_for_other_threads_to_wait(RAW_CLONE_QUIET_WAIT)  # best effort: a busy thread does not stop it
         pid = int(_libc.syscall(_SYS_CLONE[platform.machine()], int(signal.SIGCHLD), 0, 0, 0, 0))
     else:
         raise ValueError(f"unknown fork kind {kind!r}; choose from {', '.join(FORK_KINDS)}")
@@ -69,31 +74,38 @@ def fork_by(kind: str) -> int:
     return pid
 
 
-def _wait_until_other_threads_wait(deadline: float) -> None:
-    """Wait until every other thread sleeps in a waiting syscall, or until ``deadline``.
+def wait_for_other_threads_to_wait(timeout: float, samples: int = 3) -> list[tuple[str, str]]:
+    """Wait until every other thread sleeps in a waiting syscall, ``samples`` checks in a row.
 
-    A raw clone copies the locks other threads hold at that instant (glibc's
-    malloc arenas among them) and, unlike libc fork(), nothing resets them in
-    the child: a child whose first allocation wants such a lock waits forever.
-    libzmq's I/O threads are busy for a moment after each connect or send, so
-    the clone is made once they are back in epoll_wait.  Best effort: a
-    process with a busy thread is cloned anyway at the deadline.
+    Returns the threads still busy at ``timeout`` (tid, syscall), or [] once
+    they all wait.  A raw clone copies the locks other threads hold at that
+    instant (glibc's malloc arenas among them) and, unlike libc fork(),
+    nothing resets them in the child: a child whose first allocation wants
+    such a lock waits forever.  libzmq's I/O threads are busy for a moment
+    after each connect or send, so a raw clone is best made once they are
+    back in epoll_wait.
     """
     waiting = _WAITING_SYSCALLS.get(platform.machine(), set())
     me = str(threading.get_native_id())
-    while time.monotonic() < deadline:
-        if all(_in_waiting_syscall(tid, waiting) for tid in os.listdir("/proc/self/task") if tid != me):
-            return
+    deadline = time.monotonic() + timeout
+    in_a_row = 0
+    while True:
+        busy = [(tid, call) for tid in os.listdir("/proc/self/task") if tid != me
+                for call in [_syscall_of(tid)] if call is not None and not (call.isdigit() and int(call) in waiting)]
+        in_a_row = 0 if busy else in_a_row + 1
+        if in_a_row >= samples or time.monotonic() >= deadline:
+            return busy
         time.sleep(0.0005)
 
 
-def _in_waiting_syscall(tid: str, waiting: set[int]) -> bool:
+def _syscall_of(tid: str) -> Optional[str]:
+    """What thread ``tid`` of this process is doing: a syscall number, "running", or None if it is gone."""
     try:
         with open(f"/proc/self/task/{tid}/syscall") as f:
-            first = f.read().split(maxsplit=1)
+            fields = f.read().split(maxsplit=1)
     except OSError:
-        return True  # the thread exited
-    return bool(first) and first[0].isdigit() and int(first[0]) in waiting
+        return None
+    return fields[0] if fields else "running"
 
 
 def wait_or_kill(pid: int, timeout: float) -> Optional[int]:
