@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -615,3 +615,36 @@ def test_messages_queued_in_the_parent_stay_in_the_parent(ctx: zmq.Context) -> N
     pull.rcvtimeo = TIMEOUT_MS
     pull.bind("inproc://queued")
     assert [pull.recv_string() for _ in range(3)] == [f"queued in parent {n}" for n in range(3)]
+
+
+def test_disconnect_after_repeated_connects_leaves_the_child_disconnected(ctx: zmq.Context) -> None:
+    """libzmq's disconnect ends every connection to the endpoint; the child is not connected there either."""
+    push = ctx.socket(zmq.PUSH)
+    push.connect("inproc://twice")
+    push.connect("inproc://twice")
+    push.connect("inproc://kept")
+    push.disconnect("inproc://twice")
+
+    def where_messages_go() -> Dict[str, int]:
+        """Send 4 messages round-robin; count what each endpoint's PULL got (inproc: there at once)."""
+        pulls = {name: ctx.socket(zmq.PULL) for name in ("twice", "kept")}
+        for name, pull in pulls.items():
+            pull.bind(f"inproc://{name}")
+        for _ in range(4):
+            push.send(b"m", zmq.NOBLOCK)
+        got = {}
+        for name, pull in pulls.items():
+            got[name] = 0
+            while pull.poll(0):
+                pull.recv()
+                got[name] += 1
+            pull.close()
+        return got
+
+    def child() -> Dict[str, int]:
+        got = where_messages_go()
+        ctx.destroy(linger=0)
+        return got
+
+    assert run_in_child(child) == {"twice": 0, "kept": 4}
+    assert where_messages_go() == {"twice": 0, "kept": 4}  # the parent, for reference

@@ -23,7 +23,7 @@ step was a fork).  Runs in CI with a fixed seed and bounded counts (about
 ``ZMQFORK_MODEL_EXAMPLES`` and ``ZMQFORK_MODEL_STEPS`` explore further, and
 ``--hypothesis-show-statistics`` shows what the forks covered.
 
-Two patterns are kept out of the generated sequences or their teardown:
+Teardown steers clear of one libzmq crash:
 
 - libzmq 4.3.5 crashes (SIGSEGV, use after free in the reaper thread or in
   ``zmq_ctx_term``) when a socket closed with two or more pending inproc
@@ -31,10 +31,6 @@ Two patterns are kept out of the generated sequences or their teardown:
   tests/libzmq_pending_term_crash.py, a pyzmq-only reproduction.  Teardown
   therefore binds a peer on every connect endpoint before destroying the
   contexts, so that no connect is pending when they are terminated.
-- zmqfork bug, see notes: a disconnect cancels only the latest of several
-  connects to one endpoint in the recipe, while libzmq drops them all, so a
-  child reconnects where the parent no longer is.  Disconnecting an endpoint
-  connected more than once is not generated unless ``ZMQFORK_MODEL_KNOWN_BUGS=1``.
 """
 
 from __future__ import annotations
@@ -78,8 +74,6 @@ READABLE = sorted(OPTIONS)
 # coming is there at once, so a short wait only delays the report of a wrong rebuild.
 PEER_TIMEOUT_MS = 500
 CHILD_TIMEOUT = 30.0
-# See the module docstring: the one zmqfork bug the model knows, left out by default.
-KNOWN_BUGS = bool(os.environ.get("ZMQFORK_MODEL_KNOWN_BUGS"))
 
 _examples = [0]
 
@@ -192,8 +186,6 @@ class ForkModel(RuleBasedStateMachine):
     @rule(endpoint=st.sampled_from(CONNECT_TO))
     def disconnect(self, endpoint: str) -> None:
         endpoint = self.name(endpoint)
-        if self.connects[endpoint] > 1 and not KNOWN_BUGS:
-            return  # zmqfork bug, see notes (module docstring)
         if self.both(lambda s: s.disconnect(endpoint)):
             del self.connects[endpoint]  # libzmq drops every connection to the endpoint
 

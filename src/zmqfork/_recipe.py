@@ -91,9 +91,16 @@ class SocketRecipe:
         self.steps.append(Step("connect", endpoint=endpoint))
 
     def record_disconnect(self, endpoint: str) -> None:
-        """Record a successful ``disconnect``: it cancels the latest matching connect."""
-        if not self._cancel(Step("connect", endpoint=endpoint)):
+        """Record a successful ``disconnect``: it cancels every connect to ``endpoint``.
+
+        libzmq ends all of a socket's connections to an endpoint at once,
+        however many times the socket connected to it.
+        """
+        kept = [step for step in self.steps if not (step.kind == "connect" and step.endpoint == endpoint)]
+        if len(kept) == len(self.steps):
             self.steps.append(Step("disconnect", endpoint=endpoint))
+        else:
+            self.steps = kept
 
     def record_bind(self, endpoint: str, resolved: str) -> None:
         """Record a successful ``bind`` of ``endpoint`` that the system resolved to ``resolved``."""
