@@ -37,3 +37,4 @@ int zmqfork_guard_recursive_mutex(void *mutex);
 int zmqfork_testing_fdtrack_hook_object(const char *path);
 void zmqfork_testing_fdtrack_delay(unsigned int microseconds);
 unsigned int zmqfork_testing_fdtrack_in_window(void);
+void zmqfork_testing_fdtrack_fail_patch(unsigned int after_slots, void (*before_failing)(void));

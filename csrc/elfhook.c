@@ -325,6 +325,39 @@ static int write_slot(const zmqfork__elf *elf, void **slot, void *value)
     return ZMQFORK__ELF_OK;
 }
 
+int zmqfork__elf_slot_writable(const zmqfork__elf *elf, void **slot)
+{
+    int prot = page_protection(elf, (uintptr_t)slot);
+    return prot >= 0 && (prot & PROT_WRITE) != 0;
+}
+
+/* The testing failure (install time only: callers serialise). */
+static int testing_armed;
+static unsigned int testing_left;
+static void (*testing_before)(void);
+
+void zmqfork__elf_testing_fail_after(unsigned int after, void (*before)(void))
+{
+    testing_left = after;
+    testing_before = before;
+    testing_armed = 1;
+}
+
+/* 1 if the testing failure fires at the slot about to be written. */
+static int testing_fails_now(void)
+{
+    if (!testing_armed)
+        return 0;
+    if (testing_left > 0) {
+        testing_left--;
+        return 0;
+    }
+    testing_armed = 0;
+    if (testing_before != NULL)
+        testing_before();
+    return 1;
+}
+
 int zmqfork__elf_replace(zmqfork__elf *elf, void **const *slots, void *const *values, size_t n)
 {
     void **old = calloc(n ? n : 1, sizeof *old);
@@ -334,7 +367,8 @@ int zmqfork__elf_replace(zmqfork__elf *elf, void **const *slots, void *const *va
     size_t done = 0;
     for (; done < n; done++) {
         old[done] = __atomic_load_n(slots[done], __ATOMIC_ACQUIRE);
-        rc = write_slot(elf, slots[done], values[done]);
+        rc = testing_fails_now() ? ZMQFORK__ELF_EMPROTECT
+                                 : write_slot(elf, slots[done], values[done]);
         if (rc != ZMQFORK__ELF_OK)
             break;
     }
@@ -384,6 +418,17 @@ int zmqfork__elf_replace(zmqfork__elf *elf, void **const *slots, void *const *va
 void zmqfork__elf_close(zmqfork__elf *elf)
 {
     (void)elf;
+}
+
+int zmqfork__elf_slot_writable(const zmqfork__elf *elf, void **slot)
+{
+    (void)elf, (void)slot;
+    return 0;
+}
+
+void zmqfork__elf_testing_fail_after(unsigned int after, void (*before)(void))
+{
+    (void)after, (void)before;
 }
 
 #endif /* __linux__ */

@@ -527,20 +527,26 @@ void zmqfork__fdtrack_child(void)
 /* ---- install ------------------------------------------------------------ */
 
 /*
- * Patches every hooked function the object `elf` imports, all or nothing, and
- * writes the names patched into names[].  Returns ZMQFORK_FDTRACK_ON or fills
- * *why and returns its code.
+ * Patches every hooked function the object `elf` imports and writes the names
+ * patched into names[].  Two batches, each all or nothing: close() first,
+ * then the creating calls.  If the second batch fails, close() stays hooked:
+ * a creating wrapper may already have tracked a descriptor (another thread of
+ * the object, or one still inside a wrapper it jumped to before the rollback),
+ * and only the close() wrapper takes it out of the table when it is closed;
+ * with the plain close() back, its number would stay in the table and a child
+ * would close whatever later got that number.  Returns ZMQFORK_FDTRACK_ON or
+ * fills *why and returns its code.
  */
 static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct failure *why)
 {
     void **slots[NHOOKS * MAX_SLOTS_PER_HOOK];
     void *values[NHOOKS * MAX_SLOTS_PER_HOOK];
-    size_t total = 0, used = 0;
-    int creators = 0, closes = 0;
+    size_t total = 0, used = 0, closers = 0;
+    int creators = 0;
     const char *label = zmqfork__elf_name(elf);
 
     names[0] = '\0';
-    for (size_t h = 0; h < NHOOKS; h++) {
+    for (size_t h = 0; h < NHOOKS; h++) { /* hooks[] lists close first */
         size_t found = 0;
         int rc = zmqfork__elf_find(elf, hooks[h].name, &slots[total], MAX_SLOTS_PER_HOOK, &found);
         if (rc != ZMQFORK__ELF_OK)
@@ -552,7 +558,7 @@ static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct fa
             values[total + k] = hooks[h].wrapper;
         total += found;
         if (hooks[h].closes)
-            closes = 1;
+            closers = total;
         else
             creators = 1;
         if (used < names_size) {
@@ -564,7 +570,7 @@ static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct fa
     if (!creators)
         return fail(why, ZMQFORK_FDTRACK_ENOIMPORTS,
                     "%s imports none of the descriptor calls zmqfork tracks", label);
-    if (!closes)
+    if (closers == 0)
         return fail(why, ZMQFORK_FDTRACK_ENOIMPORTS,
                     "%s makes descriptors but does not import close(): the table would go stale",
                     label);
@@ -574,10 +580,16 @@ static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct fa
             return fail(why, ZMQFORK_FDTRACK_ENOMEM, "cannot map the descriptor table: %s",
                         strerror(err));
     }
-    int rc = zmqfork__elf_replace(elf, slots, values, total);
+    int rc = zmqfork__elf_replace(elf, slots, values, closers);
     if (rc != ZMQFORK__ELF_OK)
         return fail(why, ZMQFORK_FDTRACK_EPATCH, "cannot patch the GOT of %s: %s", label,
                     zmqfork__elf_strerror(rc));
+    rc = zmqfork__elf_replace(elf, slots + closers, values + closers, total - closers);
+    if (rc != ZMQFORK__ELF_OK)
+        return fail(why, ZMQFORK_FDTRACK_EPATCH,
+                    "cannot patch the GOT of %s: %s (close() stays hooked, so that descriptors "
+                    "tracked before the failure leave the table when closed)",
+                    label, zmqfork__elf_strerror(rc));
     return ZMQFORK_FDTRACK_ON;
 }
 
@@ -716,6 +728,13 @@ unsigned int zmqfork_testing_fdtrack_in_window(void)
     return __atomic_load_n(&testing_in_window, __ATOMIC_SEQ_CST);
 }
 
+void zmqfork_testing_fdtrack_fail_patch(unsigned int after_slots, void (*before_failing)(void))
+{
+    pthread_mutex_lock(&install_lock);
+    zmqfork__elf_testing_fail_after(after_slots, before_failing);
+    pthread_mutex_unlock(&install_lock);
+}
+
 long zmqfork_fdtrack_closed_last(void)
 {
     return __atomic_load_n(&closed_last, __ATOMIC_RELAXED);
@@ -785,6 +804,10 @@ int zmqfork_testing_fdtrack_hook_object(const char *path)
 
 void zmqfork_testing_fdtrack_delay(unsigned int microseconds) { (void)microseconds; }
 unsigned int zmqfork_testing_fdtrack_in_window(void) { return 0; }
+void zmqfork_testing_fdtrack_fail_patch(unsigned int after_slots, void (*before_failing)(void))
+{
+    (void)after_slots, (void)before_failing;
+}
 
 long zmqfork_fdtrack_tracked(void) { return 0; }
 long zmqfork_fdtrack_closed_last(void) { return 0; }

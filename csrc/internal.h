@@ -86,4 +86,20 @@ int zmqfork__elf_replace(zmqfork__elf *elf, void **const *slots, void *const *va
 /* Frees the handle (NULL is fine).  Patches stay. */
 void zmqfork__elf_close(zmqfork__elf *elf);
 
+/*
+ * 1 if the page holding `slot` (a slot zmqfork__elf_find() returned) is
+ * writable outside zmqfork__elf_replace(): not RELRO.  Only such a slot can
+ * be written again by the loader (lazy binding of a JUMP_SLOT), and only such
+ * a slot may be stored to without mprotect.
+ */
+int zmqfork__elf_slot_writable(const zmqfork__elf *elf, void **slot);
+
+/*
+ * TESTING ONLY.  Makes zmqfork__elf_replace() fail as if mprotect had refused
+ * a page, when it is about to write a slot after `after` slots have been
+ * written since this call (counted across replace calls): it first calls
+ * `before` (unless NULL), then rolls back as on a real failure.  Fires once.
+ */
+void zmqfork__elf_testing_fail_after(unsigned int after, void (*before)(void));
+
 #endif /* ZMQFORK_INTERNAL_H */

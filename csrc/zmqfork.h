@@ -114,8 +114,13 @@ int zmqfork_atfork_errno(void);
  * system libzmq.so.5, or the backend itself if libzmq is linked in), or the
  * backend itself if zmq_ctx_new is not exported.  Needs zmqfork_init() first.
  * Returns ZMQFORK_FDTRACK_ON or a ZMQFORK_FDTRACK_E* code; on failure nothing
- * is patched and everything else keeps working.  Descriptors libzmq made
- * before the install are not tracked.  Thread-safe; not async-signal-safe.
+ * is patched and everything else keeps working, except after a failure to
+ * patch the creating calls once close() was patched (ZMQFORK_FDTRACK_EPATCH,
+ * the reason says so): close() then stays hooked, so that a descriptor a
+ * creating wrapper tracked before the rollback leaves the table when libzmq
+ * closes it, instead of staying there for a child to close after its number
+ * was reused.  Descriptors libzmq made before the install are not tracked.
+ * Thread-safe; not async-signal-safe.
  */
 int zmqfork_fdtrack_install(const char *backend_path);
 
@@ -172,6 +177,15 @@ void zmqfork_testing_fdtrack_delay(unsigned int microseconds);
 
 /* TESTING ONLY.  How many hooked calls are sleeping in that window now. */
 unsigned int zmqfork_testing_fdtrack_in_window(void);
+
+/*
+ * TESTING ONLY.  Makes the next install (or zmqfork_testing_fdtrack_hook_object)
+ * fail as if a GOT page could not be made writable, when it is about to patch
+ * a slot after `after_slots` slots were patched; `before_failing` (may be
+ * NULL) is called first, so that a test can make a hooked call through the
+ * slots already patched.  Fires once.  Not thread-safe.
+ */
+void zmqfork_testing_fdtrack_fail_patch(unsigned int after_slots, void (*before_failing)(void));
 
 /* ---- Mutexes a child gets back unlocked (mutexguard.c) ----------------- */
 

@@ -1012,3 +1012,39 @@ def test_libzmq_sees_real_errno_under_emfile() -> None:
     result = last_json(run_python(EMFILE))
     assert result["errno"] == errno.EMFILE
     assert result["tracked_open"] and result["tracked"] >= 1
+
+
+ROLLBACK = r"""
+import ctypes, json, os, sys
+from zmqfork import _native
+from forking import run_in_child
+
+path = sys.argv[1]
+lib = ctypes.CDLL(path)
+made = []
+# close, socket, accept, accept4 and eventfd are patched (hooks[] order), then epoll_create1 fails.
+_native.testing_fdtrack_fail_patch(5, lambda: made.append(lib.t_eventfd(0, 0)))
+status = _native.testing_fdtrack_hook_object(path)
+[fd] = made
+tracked_before_failure = _native.fdtrack_is_tracked(fd)
+assert lib.t_close(fd) == 0
+stale = _native.fdtrack_is_tracked(fd)
+# The application gets the number back; a child must not close it.
+rd, wr = os.pipe()
+os.dup2(wr, fd)
+child_sees_it_open = run_in_child(lambda: os.path.exists("/proc/self/fd/%d" % fd), kind="os")
+print(json.dumps({"status": status, "tracked_before_failure": tracked_before_failure, "stale": stale,
+                  "child_sees_it_open": child_sees_it_open}))
+"""
+
+
+def test_failed_install_leaves_no_stale_entry(native_dir: Path) -> None:
+    """An install that fails after a descriptor was tracked leaves close() hooked: the number leaves the table when closed, and a child does not close it once reused."""
+    lib = compile_so(native_dir / "hooktarget-rollback.so", [NATIVE / "hooktarget.c"])
+    result = last_json(run_python(ROLLBACK, str(lib)))
+    assert result == {
+        "status": _native.lib.ZMQFORK_FDTRACK_EPATCH,
+        "tracked_before_failure": True,
+        "stale": False,
+        "child_sees_it_open": True,
+    }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Callable, Optional
 
 from zmqfork._native_c import ffi, lib
 
@@ -31,6 +32,7 @@ __all__ = [
     "testing_fdtrack_hook_object",
     "testing_fdtrack_delay",
     "testing_fdtrack_in_window",
+    "testing_fdtrack_fail_patch",
     "guard_recursive_mutex",
 ]
 
@@ -192,6 +194,17 @@ def testing_fdtrack_delay(microseconds: int) -> None:
 def testing_fdtrack_in_window() -> int:
     """TESTING ONLY: how many hooked calls sleep in that window now."""
     return int(lib.zmqfork_testing_fdtrack_in_window())
+
+
+# Keeps the callback of testing_fdtrack_fail_patch alive until it has fired.
+_testing_fail_callback: object = None
+
+
+def testing_fdtrack_fail_patch(after_slots: int, before_failing: Optional[Callable[[], None]] = None) -> None:
+    """TESTING ONLY: make the next hook install fail after ``after_slots`` GOT slots, calling ``before_failing`` first."""
+    global _testing_fail_callback
+    _testing_fail_callback = ffi.callback("void(void)", before_failing) if before_failing is not None else None
+    lib.zmqfork_testing_fdtrack_fail_patch(after_slots, _testing_fail_callback or ffi.NULL)
 
 
 def guard_recursive_mutex(address: int) -> None:
