@@ -38,6 +38,21 @@
  *   flight in the parent at the moment of such a fork can leave that one
  *   descriptor open, untracked, in the child.
  *
+ * Lazy binding: in an object bound lazily (RTLD_LAZY without LD_BIND_NOW, or
+ *   a C program's dlopen), a thread making its first call of a hooked
+ *   function may have read the unresolved slot before the patch and have
+ *   glibc's resolver store the plain function after it (_dl_fixup stores
+ *   without a lock, so nothing can wait for it; dlopen(RTLD_NOW | RTLD_NOLOAD)
+ *   of an object already loaded returns without relocating it).  So every
+ *   patched slot in a writable page is *watched*: the prepare handler and the
+ *   child cleanup put the wrapper back where it was lost, and if a close()
+ *   slot had lost it, the table is forgotten (emptied, counted as untracked)
+ *   before anything is closed, since a number closed through the plain
+ *   close() may have been reused.  The child checks its own copy of the slots,
+ *   so an overwrite up to the very fork is seen.  Cost of the rare case:
+ *   libzmq's descriptors of that moment survive into children; creating calls
+ *   made through an overwritten slot until the next fork are not tracked.
+ *
  * The table: a bitmap indexed by descriptor number, mmap'd once at install
  *   and sized by the hard RLIMIT_NOFILE (capped), plus a few overflow slots
  *   for numbers beyond it; numbers beyond both are counted as untracked.
@@ -191,6 +206,91 @@ static int is_tracked(int fd)
         if (__atomic_load_n(&overflow[i], __ATOMIC_RELAXED) == fd)
             return 1;
     return 0;
+}
+
+/*
+ * Empties the table without closing anything; what it held is counted as
+ * untracked (those descriptors may now survive into a child).  For when the
+ * table can no longer be trusted.  Async-signal-safe.
+ */
+static void forget_table(void)
+{
+    uint64_t *map = __atomic_load_n(&bitmap, __ATOMIC_ACQUIRE);
+    if (map == NULL)
+        return;
+    long forgotten = 0;
+    unsigned int words = (__atomic_load_n(&high, __ATOMIC_RELAXED) + 63) / 64;
+    for (unsigned int w = 0; w < words; w++)
+        forgotten += __builtin_popcountll(__atomic_exchange_n(&map[w], 0, __ATOMIC_RELAXED));
+    for (int i = 0; i < OVERFLOW_SLOTS; i++)
+        forgotten += __atomic_exchange_n(&overflow[i], -1, __ATOMIC_RELAXED) >= 0;
+    __atomic_sub_fetch(&tracked_now, forgotten, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&untracked, forgotten, __ATOMIC_RELAXED);
+}
+
+/* ---- patched slots the loader may write again ---------------------------- */
+
+/*
+ * Every patched slot in a writable page: there, a lazy JUMP_SLOT resolution
+ * that was in flight at install (the slot read before the patch, the
+ * resolver's store after it) writes the plain function over the wrapper, and
+ * nothing can wait for it (glibc's _dl_fixup stores without a lock).  Entries
+ * are appended under install_lock, after their slots were patched for good,
+ * and published by the release store of `nwatched`.
+ */
+#define MAX_WATCHED 512
+
+struct watched_slot {
+    void **slot;
+    void *wrapper;
+    int closes;
+};
+
+static struct watched_slot watched[MAX_WATCHED];
+static unsigned int nwatched;
+
+/*
+ * Puts the wrapper back into every watched slot that lost it.  Returns 1 if a
+ * close() slot had lost it: close() calls may then have bypassed the wrapper,
+ * their numbers may still be in the table, and the table must be forgotten.
+ * Plain loads and stores to pages that are writable: async-signal-safe.
+ */
+static int repair_slots(void)
+{
+    int lost_close = 0;
+    unsigned int n = __atomic_load_n(&nwatched, __ATOMIC_ACQUIRE);
+    for (unsigned int i = 0; i < n; i++) {
+        if (__atomic_load_n(watched[i].slot, __ATOMIC_SEQ_CST) != watched[i].wrapper) {
+            __atomic_store_n(watched[i].slot, watched[i].wrapper, __ATOMIC_SEQ_CST);
+            lost_close |= watched[i].closes;
+        }
+    }
+    return lost_close;
+}
+
+/* Install time, under install_lock: watches the writable ones of n patched slots. */
+static void watch_slots(const zmqfork__elf *elf, void **const *slots, void *const *values,
+                        size_t n, int closes)
+{
+    unsigned int at = nwatched;
+    for (size_t i = 0; i < n && at < MAX_WATCHED; i++) {
+        if (!zmqfork__elf_slot_writable(elf, slots[i]))
+            continue;
+        watched[at].slot = slots[i];
+        watched[at].wrapper = values[i];
+        watched[at].closes = closes;
+        at++;
+    }
+    __atomic_store_n(&nwatched, at, __ATOMIC_RELEASE);
+}
+
+/* How many of n slots watch_slots() would take. */
+static size_t count_writable(const zmqfork__elf *elf, void **const *slots, size_t n)
+{
+    size_t count = 0;
+    for (size_t i = 0; i < n; i++)
+        count += (size_t)zmqfork__elf_slot_writable(elf, slots[i]);
+    return count;
 }
 
 /* ---- the gate --------------------------------------------------------- */
@@ -475,6 +575,10 @@ void zmqfork__fdtrack_prepare(void)
     unsigned int seen;
     while ((seen = __atomic_load_n(&inflight, __ATOMIC_SEQ_CST)) != 0)
         futex_wait(&inflight, seen);
+    /* Repair here too, not only in the child, so the parent stops losing
+     * descriptors to the plain functions. */
+    if (repair_slots())
+        forget_table();
     errno = saved;
 }
 
@@ -494,6 +598,13 @@ void zmqfork__fdtrack_child(void)
     __atomic_store_n(&pending, 0, __ATOMIC_SEQ_CST);
     uint64_t *map = __atomic_load_n(&bitmap, __ATOMIC_ACQUIRE);
     if (map != NULL) {
+        /* The child's copy of the slots tells whether the loader overwrote a
+         * close() slot at any time up to the fork (only repair_slots() puts a
+         * wrapper back, and it forgets the table when it does): if so, a
+         * number in the table may have been closed and reused, and closing
+         * it here could hit a descriptor that is not libzmq's. */
+        if (repair_slots())
+            forget_table();
         long closed = 0;
         unsigned int words = (__atomic_load_n(&high, __ATOMIC_RELAXED) + 63) / 64;
         for (unsigned int w = 0; w < words; w++) {
@@ -580,16 +691,21 @@ static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct fa
             return fail(why, ZMQFORK_FDTRACK_ENOMEM, "cannot map the descriptor table: %s",
                         strerror(err));
     }
+    if (nwatched + count_writable(elf, slots, total) > MAX_WATCHED)
+        return fail(why, ZMQFORK_FDTRACK_ENOMEM,
+                    "too many writable GOT slots in %s to watch for the lazy binder", label);
     int rc = zmqfork__elf_replace(elf, slots, values, closers);
     if (rc != ZMQFORK__ELF_OK)
         return fail(why, ZMQFORK_FDTRACK_EPATCH, "cannot patch the GOT of %s: %s", label,
                     zmqfork__elf_strerror(rc));
+    watch_slots(elf, slots, values, closers, 1);
     rc = zmqfork__elf_replace(elf, slots + closers, values + closers, total - closers);
     if (rc != ZMQFORK__ELF_OK)
         return fail(why, ZMQFORK_FDTRACK_EPATCH,
                     "cannot patch the GOT of %s: %s (close() stays hooked, so that descriptors "
                     "tracked before the failure leave the table when closed)",
                     label, zmqfork__elf_strerror(rc));
+    watch_slots(elf, slots + closers, values + closers, total - closers, 0);
     return ZMQFORK_FDTRACK_ON;
 }
 

@@ -92,7 +92,12 @@ int zmqfork_atfork_errno(void);
  * else (the open file descriptions are shared with the parent), before any
  * other code of the child runs (atfork child handler), or, after a fork that
  * skipped the handlers, at the first zmqfork_refresh() or hooked call.
- * Descriptors that are not libzmq's are never in the table.
+ * Descriptors that are not libzmq's are never in the table.  If the lazy
+ * binder wrote the plain close() over a patched slot (a first call in flight
+ * during install, in an object bound lazily), the fork handlers put the
+ * wrapper back and the table is forgotten rather than trusted: its
+ * descriptors then survive into children, counted by
+ * zmqfork_fdtrack_untracked().
  */
 
 /* Results of zmqfork_fdtrack_install() and zmqfork_fdtrack_status(). */
@@ -148,7 +153,8 @@ long zmqfork_fdtrack_closed_last(void);
 long zmqfork_fdtrack_closed_total(void);
 
 /* Descriptors libzmq made that did not fit the table (numbers beyond its
- * size and overflow slots): they would survive into a child.  Thread-safe. */
+ * size and overflow slots), plus those a forgotten table held (see above):
+ * they would survive into a child.  Thread-safe. */
 long zmqfork_fdtrack_untracked(void);
 
 /* 1 if `fd` is in the table, else 0.  Thread-safe, async-signal-safe. */

@@ -38,7 +38,9 @@ class DescriptorTracking(NamedTuple):
     counts the descriptors libzmq owns now; ``closed_last`` those closed in
     this process by the cleanup after the fork that made it; ``closed_total``
     those closed by every cleanup in this process and its ancestors;
-    ``untracked`` those that did not fit the table and would leak into a child.
+    ``untracked`` those that did not fit the table, or that a table found
+    untrustworthy (the lazy binder overwrote a hooked close()) had to forget,
+    and that would leak into a child.
     """
 
     on: bool
