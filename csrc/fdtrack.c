@@ -12,19 +12,41 @@
  *     number another thread gets back from the kernel right after is never in
  *     the table by mistake.
  *   - The real call and its table update happen inside the *gate*; the
- *     prepare handler closes the gate and waits until no call is inside, so
- *     in the child the table says exactly which descriptors are libzmq's.
+ *     prepare handler closes the gate and waits until no call of another
+ *     thread is inside, so in the child the table says exactly which
+ *     descriptors are libzmq's (but see the signal-handler case below).
  *
- * The gate: `inflight` counts calls inside; `pending` counts forks between
- *   their prepare and parent handlers.  A call increments `inflight`, then
- *   checks `pending`; if a fork is pending it backs out and sleeps on a futex
- *   until the parent handler reopens the gate.  Prepare increments `pending`,
- *   then sleeps until `inflight` is zero.  Both sides store, then load, with
- *   sequentially consistent atomics, so at least one sees the other.  Only
- *   atomics and futex syscalls: async-signal-safe, no allocation, no locks a
- *   dead thread could hold.  A hooked call that blocks (accept on a blocking
- *   listener, open of a FIFO) would hold a fork back until it returns;
- *   libzmq makes all of these calls on non-blocking descriptors.
+ * The gate: the count in `gate` is the calls inside; `pending` counts forks
+ *   between their prepare and parent handlers.  A call increments the count,
+ *   then checks `pending`; if a fork is pending it backs out and sleeps on a
+ *   futex until the parent handler reopens the gate.  Prepare increments
+ *   `pending`, then sleeps until the count is zero.  Both sides store, then
+ *   load, with sequentially consistent atomics, so at least one sees the
+ *   other.  Only atomics and futex syscalls: async-signal-safe, no
+ *   allocation, no locks a dead thread could hold.  A hooked call that blocks
+ *   (accept on a blocking listener, open of a FIFO) would hold a fork back
+ *   until it returns; libzmq makes all of these calls on non-blocking
+ *   descriptors.
+ *
+ * Fork from a signal handler that interrupted a hooked call: the forking
+ *   thread is itself inside the gate and cannot leave it before the fork
+ *   returns.  Each thread counts the calls it is inside (`gate_depth`,
+ *   initial-exec TLS), so prepare waits for the count to fall to that depth
+ *   instead of zero.  The depth is raised before the thread's increment and
+ *   lowered after its decrement, so it never undercounts (no hang); if the
+ *   signal lands between the two, one call of another thread may still be
+ *   inside at the fork, which can only leave its descriptor open, untracked,
+ *   in the child (never close one that is not libzmq's).  In the child, the
+ *   interrupted call resumes after the cleanup: the cleanup starts a new
+ *   epoch of the gate, and a call that entered in an older one leaves without
+ *   decrementing (see `gate`), so the child's count stays right.  The
+ *   resumed call's own descriptor is libzmq's in the child as in the parent:
+ *   a create tracks it there (it stays open in that child, closed in its
+ *   children), a close closes the child's copy.  Not covered: a thread whose
+ *   handler forks while *another* thread is in fork() waiting for it
+ *   (glibc holds its atfork lock from the prepare handlers to the parent
+ *   handlers, so the handler's fork waits for that fork, which waits for the
+ *   interrupted call).
  *
  * Forks that skip the handlers (raw clone, _Fork): the child finds the gate
  *   in whatever state the parent's threads left it, and the fork was not
@@ -295,7 +317,34 @@ static size_t count_writable(const zmqfork__elf *elf, void **const *slots, size_
 
 /* ---- the gate --------------------------------------------------------- */
 
-static unsigned int inflight;
+/*
+ * The gate word: the calls inside it in the low 32 bits, the gate's epoch in
+ * the high 32 bits.  A child's cleanup empties the count and starts a new
+ * epoch in one store; a call that entered in an older epoch (the forking
+ * thread's own, interrupted by the signal handler that forked) leaves without
+ * touching the count.  A call learns its epoch from the value its own atomic
+ * increment returned, so wherever the fork interrupted it, the child's copy of
+ * the call knows whether its increment is in the count it sees.
+ */
+static union {
+    uint64_t word;
+    unsigned int half[2]; /* futex word: the half holding the count */
+} gate;
+#define GATE_COUNT(word) ((unsigned int)((word) & 0xffffffffu))
+#define GATE_EPOCH(word) ((unsigned int)((word) >> 32))
+#define GATE_COUNT_HALF (__BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
+
+/*
+ * Hooked calls this thread is inside, counted before its increment of the
+ * gate and after its decrement, so never fewer than it contributes to the
+ * count.  A fork from a signal handler that interrupted such a call waits for
+ * the others only.  Initial-exec: a plain %fs-relative access, no
+ * __tls_get_addr (which may allocate on a thread's first access), so it is
+ * async-signal-safe; it takes 4 bytes of the static TLS surplus glibc keeps
+ * for dlopen'd modules.
+ */
+static __thread unsigned int gate_depth __attribute__((tls_model("initial-exec")));
+
 static unsigned int pending;
 static volatile uint64_t *token_ptr; /* zmqfork_token(), set at install */
 static uint64_t table_token;          /* token under which the table is right */
@@ -332,26 +381,36 @@ static __attribute__((noinline, cold)) void wait_for_fork(void)
 static __attribute__((noinline, cold)) void wake_preparer(void)
 {
     int saved = errno;
-    futex_wake_all(&inflight);
+    futex_wake_all(&gate.half[GATE_COUNT_HALF]);
     errno = saved;
 }
 
-static inline void leave(void)
+static inline void leave(unsigned int epoch)
 {
-    if (__atomic_sub_fetch(&inflight, 1, __ATOMIC_SEQ_CST) == 0 &&
-        __atomic_load_n(&pending, __ATOMIC_SEQ_CST) != 0)
+    uint64_t seen = __atomic_load_n(&gate.word, __ATOMIC_SEQ_CST);
+    while (GATE_EPOCH(seen) == epoch &&
+           !__atomic_compare_exchange_n(&gate.word, &seen, seen - 1, 1, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST)) {
+    }
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    gate_depth--;
+    /* A preparer may wait for a count other than zero (its own calls). */
+    if (__builtin_expect(__atomic_load_n(&pending, __ATOMIC_SEQ_CST) != 0, 0))
         wake_preparer();
 }
 
-static inline void enter(void)
+/* Returns the epoch to hand to leave(). */
+static inline unsigned int enter(void)
 {
     if (__builtin_expect(*token_ptr != __atomic_load_n(&table_token, __ATOMIC_ACQUIRE), 0))
         catch_up();
     for (;;) {
-        __atomic_add_fetch(&inflight, 1, __ATOMIC_SEQ_CST);
+        gate_depth++;
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        unsigned int epoch = GATE_EPOCH(__atomic_fetch_add(&gate.word, 1, __ATOMIC_SEQ_CST));
         if (__builtin_expect(__atomic_load_n(&pending, __ATOMIC_SEQ_CST) == 0, 1))
-            return;
-        leave();
+            return epoch;
+        leave(epoch);
         wait_for_fork();
     }
 }
@@ -386,11 +445,11 @@ static __attribute__((noinline, cold)) void testing_pause(void)
 
 /* The body of a wrapper whose call returns one new descriptor or -1. */
 #define CREATE(call)                                                                        \
-    enter();                                                                                \
+    unsigned int epoch_ = enter();                                                          \
     int fd_ = (call);                                                                       \
     TESTING_WINDOW();                                                                       \
     track(fd_);                                                                             \
-    leave();                                                                                \
+    leave(epoch_);                                                                          \
     return fd_
 
 static int hook_socket(int domain, int type, int protocol)
@@ -481,55 +540,55 @@ static int hook_pair(int rc, const int fds[2])
 
 static int hook_socketpair(int domain, int type, int protocol, int fds[2])
 {
-    enter();
+    unsigned int epoch = enter();
     int rc = hook_pair(socketpair(domain, type, protocol, fds), fds);
-    leave();
+    leave(epoch);
     return rc;
 }
 
 static int hook_pipe(int fds[2])
 {
-    enter();
+    unsigned int epoch = enter();
     int rc = hook_pair(pipe(fds), fds);
-    leave();
+    leave(epoch);
     return rc;
 }
 
 static int hook_pipe2(int fds[2], int flags)
 {
-    enter();
+    unsigned int epoch = enter();
     int rc = hook_pair(pipe2(fds, flags), fds);
-    leave();
+    leave(epoch);
     return rc;
 }
 
 /* dup2/dup3 onto a number makes that number libzmq's; dup2(fd, fd) changes nothing. */
 static int hook_dup2(int fd, int target)
 {
-    enter();
+    unsigned int epoch = enter();
     int rc = dup2(fd, target);
     if (rc >= 0 && fd != target)
         track(rc);
-    leave();
+    leave(epoch);
     return rc;
 }
 
 static int hook_dup3(int fd, int target, int flags)
 {
-    enter();
+    unsigned int epoch = enter();
     int rc = dup3(fd, target, flags);
     track(rc);
-    leave();
+    leave(epoch);
     return rc;
 }
 
 static int hook_close(int fd)
 {
-    enter();
+    unsigned int epoch = enter();
     untrack(fd); /* before the real close: the number may be reused at once */
     TESTING_WINDOW();
     int rc = close(fd);
-    leave();
+    leave(epoch);
     return rc;
 }
 
@@ -572,9 +631,11 @@ void zmqfork__fdtrack_prepare(void)
 {
     int saved = errno;
     __atomic_add_fetch(&pending, 1, __ATOMIC_SEQ_CST);
-    unsigned int seen;
-    while ((seen = __atomic_load_n(&inflight, __ATOMIC_SEQ_CST)) != 0)
-        futex_wait(&inflight, seen);
+    /* Wait for every call inside the gate but this thread's own: a fork from
+     * a signal handler that interrupted one cannot wait for it. */
+    unsigned int own = gate_depth, seen;
+    while ((seen = GATE_COUNT(__atomic_load_n(&gate.word, __ATOMIC_SEQ_CST))) > own)
+        futex_wait(&gate.half[GATE_COUNT_HALF], seen);
     /* Repair here too, not only in the child, so the parent stops losing
      * descriptors to the plain functions. */
     if (repair_slots())
@@ -593,8 +654,11 @@ void zmqfork__fdtrack_parent(void)
 void zmqfork__fdtrack_child(void)
 {
     int saved = errno;
-    /* No other thread of this process is inside the gate (see the top). */
-    __atomic_store_n(&inflight, 0, __ATOMIC_SEQ_CST);
+    /* No other thread of this process is inside the gate (see the top); calls
+     * of this thread that a signal handler interrupted to fork will leave in
+     * the old epoch, without touching the new count. */
+    uint64_t old_gate = __atomic_load_n(&gate.word, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&gate.word, (uint64_t)(GATE_EPOCH(old_gate) + 1u) << 32, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pending, 0, __ATOMIC_SEQ_CST);
     uint64_t *map = __atomic_load_n(&bitmap, __ATOMIC_ACQUIRE);
     if (map != NULL) {

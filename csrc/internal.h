@@ -10,7 +10,10 @@
  * in the forking thread before fork, _parent after it in the parent, _child
  * after it in the child (also from zmqfork_refresh() after a fork that
  * skipped the handlers).  All three are async-signal-safe and leave errno
- * alone.
+ * alone.  _prepare waits until no other thread is inside a hooked call; it
+ * does not wait for the forking thread's own (a fork from a signal handler
+ * that interrupted one).  _prepare and _child also put back wrappers the lazy
+ * binder overwrote, forgetting the table if a close() slot was overwritten.
  */
 void zmqfork__fdtrack_prepare(void);
 void zmqfork__fdtrack_parent(void);

@@ -92,6 +92,9 @@ int zmqfork_atfork_errno(void);
  * else (the open file descriptions are shared with the parent), before any
  * other code of the child runs (atfork child handler), or, after a fork that
  * skipped the handlers, at the first zmqfork_refresh() or hooked call.
+ * A fork waits for hooked calls in flight in other threads, not for one its
+ * own thread is inside (a fork from a signal handler that interrupted it);
+ * that call finishes in parent and child after the fork.
  * Descriptors that are not libzmq's are never in the table.  If the lazy
  * binder wrote the plain close() over a patched slot (a first call in flight
  * during install, in an object bound lazily), the fork handlers put the
