@@ -258,7 +258,9 @@ static void forget_table(void)
  * resolver's store after it) writes the plain function over the wrapper, and
  * nothing can wait for it (glibc's _dl_fixup stores without a lock).  Entries
  * are appended under install_lock, after their slots were patched for good,
- * and published by the release store of `nwatched`.
+ * and published by the release store of `nwatched`.  The handlers read these
+ * slots, so a hooked object is made RTLD_NODELETE at install: a dlclose()
+ * can no longer unmap them.
  */
 #define MAX_WATCHED 512
 
@@ -754,6 +756,17 @@ static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct fa
         if (err != 0)
             return fail(why, ZMQFORK_FDTRACK_ENOMEM, "cannot map the descriptor table: %s",
                         strerror(err));
+    }
+    /* The fork handlers store to watched slots: the object must never be unmapped. */
+    if (label[0] != '\0') { /* "" is the main program, never unloaded */
+        dlerror();
+        void *pin = dlopen(label, RTLD_LAZY | RTLD_NOLOAD | RTLD_NODELETE);
+        if (pin == NULL) {
+            const char *err = dlerror();
+            return fail(why, ZMQFORK_FDTRACK_EOBJECT, "cannot keep %s loaded (%s)", label,
+                        err ? err : "dlopen failed");
+        }
+        dlclose(pin); /* drops this reference only: RTLD_NODELETE stays */
     }
     if (nwatched + count_writable(elf, slots, total) > MAX_WATCHED)
         return fail(why, ZMQFORK_FDTRACK_ENOMEM,
