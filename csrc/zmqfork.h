@@ -127,7 +127,8 @@ int zmqfork_atfork_errno(void);
  * the reason says so): close() then stays hooked, so that a descriptor a
  * creating wrapper tracked before the rollback leaves the table when libzmq
  * closes it, instead of staying there for a child to close after its number
- * was reused.  Descriptors libzmq made before the install are not tracked.
+ * was reused.  A hooked object is made RTLD_NODELETE (the fork handlers read
+ * its GOT).  Descriptors libzmq made before the install are not tracked.
  * Thread-safe; not async-signal-safe.
  */
 int zmqfork_fdtrack_install(const char *backend_path);
