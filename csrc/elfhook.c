@@ -331,6 +331,11 @@ int zmqfork__elf_slot_writable(const zmqfork__elf *elf, void **slot)
     return prot >= 0 && (prot & PROT_WRITE) != 0;
 }
 
+int zmqfork__elf_owns(const zmqfork__elf *elf, const void *addr)
+{
+    return page_protection(elf, (uintptr_t)addr) >= 0;
+}
+
 /* The testing failure (install time only: callers serialise). */
 static int testing_armed;
 static unsigned int testing_left;
@@ -423,6 +428,12 @@ void zmqfork__elf_close(zmqfork__elf *elf)
 int zmqfork__elf_slot_writable(const zmqfork__elf *elf, void **slot)
 {
     (void)elf, (void)slot;
+    return 0;
+}
+
+int zmqfork__elf_owns(const zmqfork__elf *elf, const void *addr)
+{
+    (void)elf, (void)addr;
     return 0;
 }
 

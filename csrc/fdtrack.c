@@ -20,7 +20,8 @@
  *   between their prepare and parent handlers.  A call increments the count,
  *   then checks `pending`; if a fork is pending it backs out and sleeps on a
  *   futex until the parent handler reopens the gate.  Prepare increments
- *   `pending`, then sleeps until the count is zero.  Both sides store, then
+ *   `pending`, then sleeps until the count is zero (but see the signal-handler
+ *   case below).  Both sides store, then
  *   load, with sequentially consistent atomics, so at least one sees the
  *   other.  Only atomics and futex syscalls: async-signal-safe, no
  *   allocation, no locks a dead thread could hold.  A hooked call that blocks
@@ -67,8 +68,9 @@
  *   without a lock, so nothing can wait for it; dlopen(RTLD_NOW | RTLD_NOLOAD)
  *   of an object already loaded returns without relocating it).  So every
  *   patched slot in a writable page is *watched*: the prepare handler and the
- *   child cleanup put the wrapper back where it was lost, and if a close()
- *   slot had lost it, the table is forgotten (emptied, counted as untracked)
+ *   child cleanup put the wrapper back where the binder overwrote it (any
+ *   other value is a later hook of someone else's, left alone), and if a
+ *   close() slot was overwritten, the table is forgotten (emptied, counted as untracked)
  *   before anything is closed, since a number closed through the plain
  *   close() may have been reused.  The child checks its own copy of the slots,
  *   so an overwrite up to the very fork is seen.  Cost of the rare case:
@@ -267,6 +269,8 @@ static void forget_table(void)
 struct watched_slot {
     void **slot;
     void *wrapper;
+    void *before;    /* the slot's value just before it was patched */
+    int lazy;        /* `before` was the object's own PLT entry: unresolved */
     int closes;
 };
 
@@ -274,9 +278,13 @@ static struct watched_slot watched[MAX_WATCHED];
 static unsigned int nwatched;
 
 /*
- * Puts the wrapper back into every watched slot that lost it.  Returns 1 if a
- * close() slot had lost it: close() calls may then have bypassed the wrapper,
- * their numbers may still be in the table, and the table must be forgotten.
+ * Puts the wrapper back into every watched slot the lazy binder overwrote.
+ * The binder writes either a slot that was unresolved when it was patched
+ * (its first resolution), or the very value the slot had (a second thread
+ * resolving the same first call); any other value is someone else's hook,
+ * left alone as if it had been installed over ours.  Returns 1 if a close()
+ * slot was repaired: close() calls may have bypassed the wrapper, their
+ * numbers may still be in the table, and the table must be forgotten.
  * Plain loads and stores to pages that are writable: async-signal-safe.
  */
 static int repair_slots(void)
@@ -284,17 +292,20 @@ static int repair_slots(void)
     int lost_close = 0;
     unsigned int n = __atomic_load_n(&nwatched, __ATOMIC_ACQUIRE);
     for (unsigned int i = 0; i < n; i++) {
-        if (__atomic_load_n(watched[i].slot, __ATOMIC_SEQ_CST) != watched[i].wrapper) {
-            __atomic_store_n(watched[i].slot, watched[i].wrapper, __ATOMIC_SEQ_CST);
-            lost_close |= watched[i].closes;
+        const struct watched_slot *w = &watched[i];
+        void *now = __atomic_load_n(w->slot, __ATOMIC_SEQ_CST);
+        if (now != w->wrapper && (w->lazy || now == w->before)) {
+            __atomic_store_n(w->slot, w->wrapper, __ATOMIC_SEQ_CST);
+            lost_close |= w->closes;
         }
     }
     return lost_close;
 }
 
-/* Install time, under install_lock: watches the writable ones of n patched slots. */
+/* Install time, under install_lock: watches the writable ones of n patched
+ * slots, whose values before the patch were before[]. */
 static void watch_slots(const zmqfork__elf *elf, void **const *slots, void *const *values,
-                        size_t n, int closes)
+                        void *const *before, size_t n, int closes)
 {
     unsigned int at = nwatched;
     for (size_t i = 0; i < n && at < MAX_WATCHED; i++) {
@@ -302,6 +313,8 @@ static void watch_slots(const zmqfork__elf *elf, void **const *slots, void *cons
             continue;
         watched[at].slot = slots[i];
         watched[at].wrapper = values[i];
+        watched[at].before = before[i];
+        watched[at].lazy = zmqfork__elf_owns(elf, before[i]);
         watched[at].closes = closes;
         at++;
     }
@@ -718,6 +731,7 @@ static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct fa
 {
     void **slots[NHOOKS * MAX_SLOTS_PER_HOOK];
     void *values[NHOOKS * MAX_SLOTS_PER_HOOK];
+    void *before[NHOOKS * MAX_SLOTS_PER_HOOK];
     size_t total = 0, used = 0, closers = 0;
     int creators = 0;
     const char *label = zmqfork__elf_name(elf);
@@ -771,18 +785,20 @@ static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct fa
     if (nwatched + count_writable(elf, slots, total) > MAX_WATCHED)
         return fail(why, ZMQFORK_FDTRACK_ENOMEM,
                     "too many writable GOT slots in %s to watch for the lazy binder", label);
+    for (size_t i = 0; i < total; i++)
+        before[i] = __atomic_load_n(slots[i], __ATOMIC_SEQ_CST);
     int rc = zmqfork__elf_replace(elf, slots, values, closers);
     if (rc != ZMQFORK__ELF_OK)
         return fail(why, ZMQFORK_FDTRACK_EPATCH, "cannot patch the GOT of %s: %s", label,
                     zmqfork__elf_strerror(rc));
-    watch_slots(elf, slots, values, closers, 1);
+    watch_slots(elf, slots, values, before, closers, 1);
     rc = zmqfork__elf_replace(elf, slots + closers, values + closers, total - closers);
     if (rc != ZMQFORK__ELF_OK)
         return fail(why, ZMQFORK_FDTRACK_EPATCH,
                     "cannot patch the GOT of %s: %s (close() stays hooked, so that descriptors "
                     "tracked before the failure leave the table when closed)",
                     label, zmqfork__elf_strerror(rc));
-    watch_slots(elf, slots + closers, values + closers, total - closers, 0);
+    watch_slots(elf, slots + closers, values + closers, before + closers, total - closers, 0);
     return ZMQFORK_FDTRACK_ON;
 }
 

@@ -97,6 +97,10 @@ void zmqfork__elf_close(zmqfork__elf *elf);
  */
 int zmqfork__elf_slot_writable(const zmqfork__elf *elf, void **slot);
 
+/* 1 if `addr` lies in one of the object's PT_LOAD segments (an unresolved
+ * lazy JUMP_SLOT points there, at its PLT entry). */
+int zmqfork__elf_owns(const zmqfork__elf *elf, const void *addr);
+
 /*
  * TESTING ONLY.  Makes zmqfork__elf_replace() fail as if mprotect had refused
  * a page, when it is about to write a slot after `after` slots have been

@@ -1178,3 +1178,41 @@ def test_hooked_object_stays_loaded(native_dir: Path) -> None:
     """A hooked object stays mapped after the application's dlclose: the fork handlers check its GOT slots."""
     lib = compile_so(native_dir / "hooktarget-unload.so", [NATIVE / "hooktarget.c"])
     assert last_json(run_python(UNLOAD, str(lib))) == {"mapped": True, "child": "ok"}
+
+
+OVERWRITE = r"""
+import ctypes, json, os, sys
+from zmqfork import _native
+from forking import run_in_child
+
+path, writer = sys.argv[1], sys.argv[2]
+lib = ctypes.CDLL(path)
+lib.t_close_slot.restype = ctypes.c_void_p
+slot = ctypes.c_void_p.from_address(lib.t_close_slot())
+plain = slot.value  # bound at load: the plain close()
+assert _native.testing_fdtrack_hook_object(path) == _native.FDTRACK_ON
+wrapper = slot.value
+assert wrapper != plain
+fd = lib.t_eventfd(0, 0)
+assert _native.fdtrack_is_tracked(fd)
+# What the lazy binder would write (a racing first call: the value the slot had), or another library's hook.
+foreign = ctypes.cast(lib.t_dup, ctypes.c_void_p).value
+slot.value = plain if writer == "binder" else foreign
+child_sees_fd = run_in_child(lambda: os.path.exists("/proc/self/fd/%d" % fd), kind="os")
+print(json.dumps({"slot": {wrapper: "wrapper", plain: "plain", foreign: "foreign"}.get(slot.value, "other"),
+                  "still_tracked": _native.fdtrack_is_tracked(fd), "child_sees_fd": child_sees_fd}))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="reads its GOT entry with x86_64 assembly")
+@pytest.mark.parametrize("writer", ["binder", "foreign"])
+def test_fork_handlers_repair_only_the_binders_writes(writer: str, native_dir: Path) -> None:
+    """A watched close() slot that gets its pre-patch value back (the lazy binder) is repaired and the table forgotten; another library's hook there is left alone."""
+    lib = compile_so(
+        native_dir / "hooktarget-gotslot.so", [NATIVE / "hooktarget.c", NATIVE / "gotslot.c"], *RELRO_MODES["noplt-lazy"]
+    )
+    result = last_json(run_python(OVERWRITE, str(lib), writer))
+    if writer == "binder":  # the fd may have been closed and reused through the plain close: forgotten, not closed
+        assert result == {"slot": "wrapper", "still_tracked": False, "child_sees_fd": True}
+    else:
+        assert result == {"slot": "foreign", "still_tracked": True, "child_sees_fd": False}
