@@ -4,16 +4,20 @@
  * so that sf_close() is a hooked close() a test can park inside the gate
  * (zmqfork's testing delay) and interrupt with the signal.
  *
- * The handler forks with fork() (atfork handlers run) and returns.  In the
- * parent it records the child's pid.  The child finishes the interrupted
+ * The handler forks with fork() (atfork handlers run), or with _Fork() (none
+ * run: the child then catches up at once, through zmqfork_refresh(), before
+ * the interrupted close() leaves), and returns.  In the parent it records the
+ * child's pid.  The child finishes the interrupted
  * close(), then, in sf_close(), checks that its gate still works: it makes a
  * hooked eventfd, forks once more (the grandchild exits 0 iff that eventfd
  * was closed by the cleanup) and writes the outcome to the report pipe, then
  * exits without returning to Python.  An alarm bounds every wait in the child.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -23,6 +27,8 @@
 static int report_fd = -1;
 static int watched_fd = -1;
 static void (*set_delay)(unsigned int);
+static uint64_t (*refresh)(void); /* set for _Fork(): zmqfork_refresh */
+static pid_t (*raw_fork)(void);
 static volatile sig_atomic_t in_child;
 static volatile sig_atomic_t child_pid;
 
@@ -30,19 +36,33 @@ static void on_signal(int signo)
 {
     int saved = errno;
     (void)signo;
-    pid_t pid = fork();
-    if (pid == 0)
+    pid_t pid = refresh != NULL ? raw_fork() : fork();
+    if (pid == 0) {
         in_child = 1;
-    else
+        if (refresh != NULL)
+            refresh(); /* async-signal-safe */
+    } else {
         child_pid = pid;
+    }
     errno = saved;
 }
 
 /* Installs the handler for `signo`; the child reports to `fd`, and says
  * whether `watched` (a descriptor tracked before the fork) was closed in it.
- * `delay` is zmqfork_testing_fdtrack_delay, which the child turns off. */
-int sf_install(int signo, int fd, int watched, void (*delay)(unsigned int))
+ * `delay` is zmqfork_testing_fdtrack_delay, which the child turns off;
+ * `refresh_fn`, zmqfork_refresh or NULL, chooses _Fork() over fork().
+ * Returns -1 (errno ENOSYS) if _Fork() is wanted but this libc lacks it. */
+int sf_install(int signo, int fd, int watched, void (*delay)(unsigned int),
+               uint64_t (*refresh_fn)(void))
 {
+    if (refresh_fn != NULL) {
+        raw_fork = (pid_t(*)(void))dlsym(RTLD_DEFAULT, "_Fork");
+        if (raw_fork == NULL) {
+            errno = ENOSYS;
+            return -1;
+        }
+    }
+    refresh = refresh_fn;
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_handler = on_signal;
