@@ -175,15 +175,17 @@ static void track(int fd)
     if (fd < 0)
         return;
     if ((unsigned int)fd < nbits) {
-        uint64_t bit = (uint64_t)1 << (fd & 63);
-        uint64_t old = __atomic_fetch_or(&bitmap[fd >> 6], bit, __ATOMIC_RELAXED);
-        if (!(old & bit))
-            __atomic_add_fetch(&tracked_now, 1, __ATOMIC_RELAXED);
+        /* `high` first: a fork between the two steps (from a signal handler,
+         * or a raw clone) must not leave a set bit the cleanup does not scan. */
         unsigned int seen = __atomic_load_n(&high, __ATOMIC_RELAXED);
         while ((unsigned int)fd >= seen &&
                !__atomic_compare_exchange_n(&high, &seen, (unsigned int)fd + 1, 1,
-                                            __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+                                            __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
         }
+        uint64_t bit = (uint64_t)1 << (fd & 63);
+        uint64_t old = __atomic_fetch_or(&bitmap[fd >> 6], bit, __ATOMIC_SEQ_CST);
+        if (!(old & bit))
+            __atomic_add_fetch(&tracked_now, 1, __ATOMIC_RELAXED);
         return;
     }
     for (int i = 0; i < OVERFLOW_SLOTS; i++) {
@@ -353,12 +355,20 @@ static union {
  * Hooked calls this thread is inside, counted before its increment of the
  * gate and after its decrement, so never fewer than it contributes to the
  * count.  A fork from a signal handler that interrupted such a call waits for
- * the others only.  Initial-exec: a plain %fs-relative access, no
- * __tls_get_addr (which may allocate on a thread's first access), so it is
- * async-signal-safe; it takes 4 bytes of the static TLS surplus glibc keeps
- * for dlopen'd modules.
+ * the others only.  With glibc, initial-exec: a plain thread-pointer-relative
+ * access, no __tls_get_addr (which may allocate on a thread's first access),
+ * so it is async-signal-safe; it takes 4 bytes of the static TLS surplus
+ * glibc keeps for dlopen'd modules (if that were used up, the import would
+ * fail).  Other C libraries keep the default model: musl refuses
+ * initial-exec TLS in a dlopen'd object, and allocates a dlopen'd module's
+ * TLS for every thread at dlopen, so its __tls_get_addr never allocates.
  */
-static __thread unsigned int gate_depth __attribute__((tls_model("initial-exec")));
+#ifdef __GLIBC__
+#define GATE_DEPTH_TLS_MODEL __attribute__((tls_model("initial-exec")))
+#else
+#define GATE_DEPTH_TLS_MODEL
+#endif
+static __thread unsigned int gate_depth GATE_DEPTH_TLS_MODEL;
 
 static unsigned int pending;
 static volatile uint64_t *token_ptr; /* zmqfork_token(), set at install */
@@ -384,12 +394,23 @@ static __attribute__((noinline, cold)) void catch_up(void)
     errno = saved;
 }
 
+/*
+ * Waits until no fork is pending, or until this process turns out to be a
+ * child of a fork that skipped the handlers (the token no longer matches the
+ * table): a _Fork() from a signal handler that interrupted this very wait
+ * leaves the child with `pending` raised and no parent handler to lower it;
+ * enter() then catches up, and the cleanup resets the gate.  So the wait is
+ * timed, and the token looked at after each wake.
+ */
 static __attribute__((noinline, cold)) void wait_for_fork(void)
 {
     int saved = errno;
     unsigned int seen;
-    while ((seen = __atomic_load_n(&pending, __ATOMIC_SEQ_CST)) != 0)
-        futex_wait(&pending, seen);
+    while ((seen = __atomic_load_n(&pending, __ATOMIC_SEQ_CST)) != 0 &&
+           *token_ptr == __atomic_load_n(&table_token, __ATOMIC_ACQUIRE)) {
+        struct timespec slice = {.tv_sec = 0, .tv_nsec = 20 * 1000 * 1000};
+        (void)syscall(SYS_futex, &pending, FUTEX_WAIT_PRIVATE, seen, &slice, NULL, 0);
+    }
     errno = saved;
 }
 
@@ -417,9 +438,9 @@ static inline void leave(unsigned int epoch)
 /* Returns the epoch to hand to leave(). */
 static inline unsigned int enter(void)
 {
-    if (__builtin_expect(*token_ptr != __atomic_load_n(&table_token, __ATOMIC_ACQUIRE), 0))
-        catch_up();
     for (;;) {
+        if (__builtin_expect(*token_ptr != __atomic_load_n(&table_token, __ATOMIC_ACQUIRE), 0))
+            catch_up();
         gate_depth++;
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
         unsigned int epoch = GATE_EPOCH(__atomic_fetch_add(&gate.word, 1, __ATOMIC_SEQ_CST));
