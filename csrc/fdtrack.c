@@ -68,12 +68,16 @@
  *   without a lock, so nothing can wait for it; dlopen(RTLD_NOW | RTLD_NOLOAD)
  *   of an object already loaded returns without relocating it).  So every
  *   patched slot in a writable page is *watched*: the prepare handler and the
- *   child cleanup put the wrapper back where the binder overwrote it (any
- *   other value is a later hook of someone else's, left alone), and if a
+ *   child cleanup put the wrapper back where the binder overwrote it, and if a
  *   close() slot was overwritten, the table is forgotten (emptied, counted as untracked)
  *   before anything is closed, since a number closed through the plain
  *   close() may have been reused.  The child checks its own copy of the slots,
- *   so an overwrite up to the very fork is seen.  Cost of the rare case:
+ *   so an overwrite up to the very fork is seen.  What the binder can write
+ *   is known at install: the slot's pre-patch value, and for a slot still
+ *   unresolved then, the definitions dlsym() finds for it in the global scope
+ *   and in the object's own (an RTLD_DEEPBIND object binds there first); the
+ *   handlers only compare stored pointers.  Any other value is a later hook
+ *   of someone else's, left alone, the table kept.  Cost of the rare case:
  *   libzmq's descriptors of that moment survive into children; creating calls
  *   made through an overwritten slot until the next fork are not tracked.
  *
@@ -272,7 +276,9 @@ struct watched_slot {
     void **slot;
     void *wrapper;
     void *before;    /* the slot's value just before it was patched */
-    int lazy;        /* `before` was the object's own PLT entry: unresolved */
+    void *bound[2];  /* unresolved (lazy) when patched: what the binder can
+                      * resolve it to (global scope, the object's own scope);
+                      * NULL where unknown */
     int closes;
 };
 
@@ -281,10 +287,11 @@ static unsigned int nwatched;
 
 /*
  * Puts the wrapper back into every watched slot the lazy binder overwrote.
- * The binder writes either a slot that was unresolved when it was patched
- * (its first resolution), or the very value the slot had (a second thread
- * resolving the same first call); any other value is someone else's hook,
- * left alone as if it had been installed over ours.  Returns 1 if a close()
+ * The binder writes either the value the slot had (a second thread resolving
+ * the same first call), or, into a slot that was unresolved when it was
+ * patched, the definition its first resolution finds (`bound`, looked up at
+ * install); any other value is someone else's hook, left alone as if it had
+ * been installed over ours.  Returns 1 if a close()
  * slot was repaired: close() calls may have bypassed the wrapper, their
  * numbers may still be in the table, and the table must be forgotten.
  * Plain loads and stores to pages that are writable: async-signal-safe.
@@ -296,7 +303,8 @@ static int repair_slots(void)
     for (unsigned int i = 0; i < n; i++) {
         const struct watched_slot *w = &watched[i];
         void *now = __atomic_load_n(w->slot, __ATOMIC_SEQ_CST);
-        if (now != w->wrapper && (w->lazy || now == w->before)) {
+        if (now != w->wrapper &&
+            (now == w->before || (now != NULL && (now == w->bound[0] || now == w->bound[1])))) {
             __atomic_store_n(w->slot, w->wrapper, __ATOMIC_SEQ_CST);
             lost_close |= w->closes;
         }
@@ -304,22 +312,51 @@ static int repair_slots(void)
     return lost_close;
 }
 
-/* Install time, under install_lock: watches the writable ones of n patched
- * slots, whose values before the patch were before[]. */
+/*
+ * Install time, under install_lock: watches the writable ones of n patched
+ * slots of the symbols names[], whose values before the patch were before[].
+ * For a slot that was unresolved (pointing into the object's own PLT), it
+ * looks up what the binder's first resolution can store: the definition in
+ * the global scope (an ordinary object's first choice) and in the object's own
+ * scope, its dependency tree (first for an RTLD_DEEPBIND object, and the
+ * fallback for one whose definition is not global).  dlsym() gives what the
+ * binder gives (an IFUNC's chosen function, a preloaded interposer), so the
+ * handlers only compare pointers.  dlsym() finds the default version of a
+ * symbol; a lookup that fails (or an object bound to another version) leaves
+ * a value the binder's write is not compared with: it would be taken for a
+ * foreign hook, and the descriptors of that moment could leak into children,
+ * as with any hook over ours.
+ */
 static void watch_slots(const zmqfork__elf *elf, void **const *slots, void *const *values,
-                        void *const *before, size_t n, int closes)
+                        void *const *before, const char *const *names, size_t n, int closes)
 {
+    const char *label = zmqfork__elf_name(elf);
+    void *scope = NULL; /* the object's own handle, opened at its first lazy slot */
+    int scope_tried = 0;
     unsigned int at = nwatched;
     for (size_t i = 0; i < n && at < MAX_WATCHED; i++) {
         if (!zmqfork__elf_slot_writable(elf, slots[i]))
             continue;
-        watched[at].slot = slots[i];
-        watched[at].wrapper = values[i];
-        watched[at].before = before[i];
-        watched[at].lazy = zmqfork__elf_owns(elf, before[i]);
-        watched[at].closes = closes;
+        struct watched_slot *w = &watched[at];
+        w->slot = slots[i];
+        w->wrapper = values[i];
+        w->before = before[i];
+        w->bound[0] = w->bound[1] = NULL;
+        w->closes = closes;
+        if (zmqfork__elf_owns(elf, before[i])) {
+            if (!scope_tried) {
+                scope_tried = 1;
+                /* "" is the main program: its scope is the global one. */
+                scope = dlopen(label[0] != '\0' ? label : NULL, RTLD_LAZY | RTLD_NOLOAD);
+            }
+            w->bound[0] = dlsym(RTLD_DEFAULT, names[i]);
+            if (scope != NULL)
+                w->bound[1] = dlsym(scope, names[i]);
+        }
         at++;
     }
+    if (scope != NULL)
+        dlclose(scope); /* drops this reference only */
     __atomic_store_n(&nwatched, at, __ATOMIC_RELEASE);
 }
 
@@ -753,6 +790,7 @@ static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct fa
     void **slots[NHOOKS * MAX_SLOTS_PER_HOOK];
     void *values[NHOOKS * MAX_SLOTS_PER_HOOK];
     void *before[NHOOKS * MAX_SLOTS_PER_HOOK];
+    const char *symbols[NHOOKS * MAX_SLOTS_PER_HOOK]; /* the symbol of each slot */
     size_t total = 0, used = 0, closers = 0;
     int creators = 0;
     const char *label = zmqfork__elf_name(elf);
@@ -766,8 +804,10 @@ static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct fa
                         zmqfork__elf_strerror(rc));
         if (found == 0)
             continue;
-        for (size_t k = 0; k < found; k++)
+        for (size_t k = 0; k < found; k++) {
             values[total + k] = hooks[h].wrapper;
+            symbols[total + k] = hooks[h].name;
+        }
         total += found;
         if (hooks[h].closes)
             closers = total;
@@ -812,14 +852,15 @@ static int hook_elf(zmqfork__elf *elf, char *names, size_t names_size, struct fa
     if (rc != ZMQFORK__ELF_OK)
         return fail(why, ZMQFORK_FDTRACK_EPATCH, "cannot patch the GOT of %s: %s", label,
                     zmqfork__elf_strerror(rc));
-    watch_slots(elf, slots, values, before, closers, 1);
+    watch_slots(elf, slots, values, before, symbols, closers, 1);
     rc = zmqfork__elf_replace(elf, slots + closers, values + closers, total - closers);
     if (rc != ZMQFORK__ELF_OK)
         return fail(why, ZMQFORK_FDTRACK_EPATCH,
                     "cannot patch the GOT of %s: %s (close() stays hooked, so that descriptors "
                     "tracked before the failure leave the table when closed)",
                     label, zmqfork__elf_strerror(rc));
-    watch_slots(elf, slots + closers, values + closers, before + closers, total - closers, 0);
+    watch_slots(elf, slots + closers, values + closers, before + closers, symbols + closers,
+                total - closers, 0);
     return ZMQFORK_FDTRACK_ON;
 }
 

@@ -1226,3 +1226,50 @@ def test_fork_handlers_repair_only_the_binders_writes(writer: str, native_dir: P
         assert result == {"slot": "wrapper", "still_tracked": False, "child_sees_fd": True}
     else:
         assert result == {"slot": "foreign", "still_tracked": True, "child_sees_fd": False}
+
+
+LAZYSLOT = r"""
+import ctypes, json, os, sys
+from zmqfork import _native
+from forking import run_in_child
+
+path, writer = sys.argv[1], sys.argv[2]
+lib = ctypes.CDLL(path, mode=os.RTLD_LAZY)
+lib.t_close_plt_slot.restype = ctypes.c_void_p
+address = lib.t_close_plt_slot()
+if not address:
+    print(json.dumps({"skip": "no DT_RELA JUMP_SLOT for close()"}))
+    sys.exit(0)
+slot = ctypes.c_void_p.from_address(address)
+plain = ctypes.cast(ctypes.CDLL(None).close, ctypes.c_void_p).value  # what the binder resolves close() to
+unresolved = slot.value  # close() never called yet: the object's own PLT entry
+assert unresolved != plain
+assert _native.testing_fdtrack_hook_object(path) == _native.FDTRACK_ON
+wrapper = slot.value
+assert wrapper not in (unresolved, plain)
+fd = lib.t_eventfd(0, 0)
+assert _native.fdtrack_is_tracked(fd)
+# The binder's first resolution (the plain close), or another library's hook after zmqfork's.
+foreign = ctypes.cast(lib.t_dup, ctypes.c_void_p).value
+slot.value = plain if writer == "binder" else foreign
+child_sees_fd = run_in_child(lambda: os.path.exists("/proc/self/fd/%d" % fd), kind="os")
+print(json.dumps({"slot": {wrapper: "wrapper", plain: "plain", foreign: "foreign", unresolved: "unresolved"}.get(slot.value, "other"),
+                  "still_tracked": _native.fdtrack_is_tracked(fd), "child_sees_fd": child_sees_fd}))
+"""
+
+
+@pytest.mark.parametrize("writer", ["binder", "foreign"])
+def test_fork_handlers_leave_a_foreign_hook_on_a_lazy_slot(writer: str, native_dir: Path) -> None:
+    """A close() slot still unresolved (lazy PLT) when patched: the binder's value there is repaired and the table forgotten; another library's later hook is left alone and the table kept."""
+    if os.environ.get("LD_BIND_NOW"):
+        pytest.skip("LD_BIND_NOW: nothing is bound lazily")
+    lib = compile_so(
+        native_dir / "hooktarget-pltslot.so", [NATIVE / "hooktarget.c", NATIVE / "pltslot.c"], *RELRO_MODES["norelro"]
+    )
+    result = last_json(run_python(LAZYSLOT, str(lib), writer))
+    if "skip" in result:  # type: ignore[operator]
+        pytest.skip(result["skip"])  # type: ignore[index]
+    if writer == "binder":
+        assert result == {"slot": "wrapper", "still_tracked": False, "child_sees_fd": True}
+    else:
+        assert result == {"slot": "foreign", "still_tracked": True, "child_sees_fd": False}
