@@ -1059,14 +1059,16 @@ path, kind = sys.argv[1], sys.argv[2]
 lib = ctypes.CDLL(path, mode=os.RTLD_LAZY | os.RTLD_DEEPBIND)  # its close() binds to lazyresolve's
 resolver = ctypes.CDLL(os.path.join(os.path.dirname(path), "liblazyresolve.so"))
 resolver.lazy_arm()
-first_call = threading.Thread(target=lambda: lib.t_close(-1))  # its first close(): the lazy resolver
+first_call = threading.Thread(target=lambda: lib.t_close(-1), daemon=True)  # its first close(): the lazy resolver
 first_call.start()
-deadline = time.monotonic() + 10
-while not resolver.lazy_waiting():
-    assert time.monotonic() < deadline, "the first call never reached the resolver"
-    time.sleep(0.001)
-assert _native.testing_fdtrack_hook_object(path) == _native.FDTRACK_ON  # patched under the waiting resolver
-resolver.lazy_release()
+try:
+    deadline = time.monotonic() + 10
+    while not resolver.lazy_waiting():
+        assert time.monotonic() < deadline, "the first call never reached the resolver"
+        time.sleep(0.001)
+    assert _native.testing_fdtrack_hook_object(path) == _native.FDTRACK_ON  # patched under the waiting resolver
+finally:
+    resolver.lazy_release()  # a failed step must not leave the thread waiting in the resolver
 first_call.join(10)
 assert not first_call.is_alive()
 

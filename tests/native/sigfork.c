@@ -11,7 +11,8 @@
  * close(), then, in sf_close(), checks that its gate still works: it makes a
  * hooked eventfd, forks once more (the grandchild exits 0 iff that eventfd
  * was closed by the cleanup) and writes the outcome to the report pipe, then
- * exits without returning to Python.  An alarm bounds every wait in the child.
+ * exits without returning to Python.  An alarm, armed in the handler's child
+ * branch and again in the epilogue, bounds every wait in the child.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -39,6 +40,7 @@ static void on_signal(int signo)
     pid_t pid = refresh != NULL ? raw_fork() : fork();
     if (pid == 0) {
         in_child = 1;
+        alarm(20); /* a child stuck before the epilogue (in the gate) dies fast */
         if (refresh != NULL)
             refresh(); /* async-signal-safe */
     } else {
@@ -85,7 +87,7 @@ int sf_child_pid(void)
 static void child_epilogue(void)
 {
     char verdict = 'O';
-    alarm(20); /* a hang in the gate ends the child, and the parent sees it */
+    alarm(20); /* re-armed: a hang in the gate below ends the child, and the parent sees it */
     set_delay(0);
     if (fcntl(watched_fd, F_GETFD) != -1)
         verdict = 'W';
