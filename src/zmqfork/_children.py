@@ -85,27 +85,32 @@ def wait_for_other_threads_to_wait(timeout: float, samples: int = 3) -> list[tup
     after each connect or send, so a raw clone is best made once they are
     back in epoll_wait.
     """
-    waiting = _WAITING_SYSCALLS.get(platform.machine(), set())
-    me = str(threading.get_native_id())
     deadline = time.monotonic() + timeout
     in_a_row = 0
     while True:
-        busy = [(tid, call) for tid in os.listdir("/proc/self/task") if tid != me
-                for call in [_syscall_of(tid)] if call is not None and not (call.isdigit() and int(call) in waiting)]
+        busy = _busy_threads()
         in_a_row = 0 if busy else in_a_row + 1
         if in_a_row >= samples or time.monotonic() >= deadline:
             return busy
         time.sleep(0.0005)
 
 
-def _syscall_of(tid: str) -> Optional[str]:
-    """What thread ``tid`` of this process is doing: a syscall number, "running", or None if it is gone."""
-    try:
-        with open(f"/proc/self/task/{tid}/syscall") as f:
-            fields = f.read().split(maxsplit=1)
-    except OSError:
-        return None
-    return fields[0] if fields else "running"
+def _busy_threads() -> list[tuple[str, str]]:
+    """The other threads of this process not sleeping in a waiting syscall: (tid, what /proc says)."""
+    waiting = _WAITING_SYSCALLS.get(platform.machine(), set())
+    me = str(threading.get_native_id())
+    busy = []
+    for tid in os.listdir("/proc/self/task"):
+        if tid == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/syscall") as f:
+                call = f.read().split(maxsplit=1)[:1] or ["running"]
+        except OSError:
+            continue  # the thread ended
+        if not (call[0].isdigit() and int(call[0]) in waiting):
+            busy.append((tid, call[0]))
+    return busy
 
 
 def wait_or_kill(pid: int, timeout: float) -> Optional[int]:
