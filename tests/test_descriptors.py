@@ -27,7 +27,8 @@ import zmq as pyzmq
 
 import zmqfork
 from zmqfork import _native
-from forking import ChildFailed, fork_with, run_in_child, run_session, wait_child
+from forking import ChildFailed, fork_with, read_until_eof, run_in_child, run_session, wait_child
+from reliability import wait_until
 
 TESTS = Path(__file__).resolve().parent
 NATIVE = TESTS / "native"
@@ -100,16 +101,6 @@ def identities(fds: Iterable[int]) -> Dict[int, Tuple[str, ...]]:
         if ident is not None:
             found[fd] = ident
     return found
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return predicate()
-        time.sleep(0.002)
-    return True
 
 
 def roundtrip(ctx: zmqfork.Context) -> Tuple[zmqfork.Socket, zmqfork.Socket, int]:
@@ -323,7 +314,7 @@ def test_reused_numbers_survive() -> None:
     libzmq_fds = open_fds() - before
     ctx.destroy(linger=0)
     del keep
-    assert wait_for(lambda: not (open_fds() & libzmq_fds))
+    assert wait_until(lambda: not (open_fds() & libzmq_fds))
     pipes = [os.pipe() for _ in range(len(libzmq_fds))]
     try:
         reused = {fd for pair in pipes for fd in pair} & libzmq_fds
@@ -483,22 +474,13 @@ def fork_and_list_leaks(kind: str, allowed: Set[int], timeout: float = 20.0) -> 
             os._exit(code)
     os.close(wr)
     try:
-        chunks = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([rd], [], [], deadline - time.monotonic())
-            if not ready:
-                break
-            chunk = os.read(rd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        report = read_until_eof(rd, time.monotonic() + timeout)
     finally:
         os.close(rd)
     status = wait_child(pid, timeout)
-    if not chunks or not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+    if not report or not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
         raise ChildFailed(f"child {pid} reported nothing; status {status}")
-    return [tuple(item) for item in json.loads(b"".join(chunks))]
+    return [tuple(item) for item in json.loads(report)]
 
 
 #: Storm processes (4 connecting threads each).
