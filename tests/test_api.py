@@ -92,7 +92,7 @@ def test_subscribe_as_method_and_attribute(ctx: zmq.Context) -> None:
     sub.subscribe("a")
     sub.subscribe = b"b"
     sub.connect("inproc://subs")
-    steps = [step.describe() for step in sub._recipe.steps]
+    steps = [step.describe() for step in sub._zf_recipe.steps]
     assert steps == ["set(zmq.RCVTIMEO, 5000)", "set(zmq.SUBSCRIBE, b'a')", "set(zmq.SUBSCRIBE, b'b')", "connect('inproc://subs')"]
 
 
@@ -101,11 +101,11 @@ def test_bind_and_connect_return_context_managers(ctx: zmq.Context) -> None:
     sock = ctx.socket(zmq.PUSH)
     with sock.bind("tcp://127.0.0.1:*") as same:
         assert same is sock
-        assert sock._recipe.bound_endpoints()
-    assert not sock._recipe.bound_endpoints()
+        assert sock._zf_recipe.bound_endpoints()
+    assert not sock._zf_recipe.bound_endpoints()
     with sock.connect("inproc://nowhere"):
         pass
-    assert sock._recipe.steps == []
+    assert sock._zf_recipe.steps == []
 
 
 def test_context_options_defaults_and_instance() -> None:
@@ -151,11 +151,11 @@ def test_failed_calls_are_not_recorded(ctx: zmq.Context) -> None:
     """A setsockopt or connect that raised leaves the recipe untouched: nothing half-applied is replayed."""
     sock = ctx.socket(zmq.SUB)
     sock.connect("inproc://ok")
-    before = list(sock._recipe.steps)
+    before = list(sock._zf_recipe.steps)
     for bad in (lambda: sock.set(zmq.LINGER, "x"), lambda: sock.connect("nonsense://"), lambda: sock.set(99999, 1)):
         with pytest.raises((zmq.ZMQError, TypeError)):
             bad()
-    assert sock._recipe.steps == before
+    assert sock._zf_recipe.steps == before
 
 
 def test_recipe_stays_bounded_and_keeps_order(ctx: zmq.Context) -> None:
@@ -170,7 +170,7 @@ def test_recipe_stays_bounded_and_keeps_order(ctx: zmq.Context) -> None:
     sock.sndhwm = 5
     sock.connect("inproc://kept")
     sock.sndhwm = 6
-    assert [step.describe() for step in sock._recipe.steps] == [
+    assert [step.describe() for step in sock._zf_recipe.steps] == [
         "set(zmq.RCVTIMEO, 999)",
         "set(zmq.SNDHWM, 5)",
         "connect('inproc://kept')",
@@ -187,7 +187,7 @@ def test_secrets_never_show_in_a_recipe(ctx: zmq.Context) -> None:
     sock.curve_serverkey = public
     other = ctx.socket(zmq.DEALER)
     other.plain_password = b"hunter2"
-    shown = repr(sock._recipe) + repr(other._recipe) + repr(sock) + repr(other)
+    shown = repr(sock._zf_recipe) + repr(other._zf_recipe) + repr(sock) + repr(other)
     assert secret.decode() not in shown and "hunter2" not in shown
     assert "<hidden>" in shown
 
@@ -206,7 +206,7 @@ def test_monitor_socket(ctx: zmq.Context) -> None:
     while zmq.EVENT_CONNECTED not in events:
         events.add(recv_monitor_message(monitor)["event"])
     client.disable_monitor()
-    assert not [step for step in client._recipe.steps if step.kind == "monitor"]
+    assert not [step for step in client._zf_recipe.steps if step.kind == "monitor"]
 
 
 def test_poller_and_select_in_the_parent(ctx: zmq.Context) -> None:
@@ -309,7 +309,7 @@ def test_failed_calls_are_not_replayed_in_the_child(ctx: zmq.Context) -> None:
             bad()
 
     def child() -> Tuple[int, bytes, bytes, list]:
-        steps = [step.describe() for step in sock._recipe.steps]
+        steps = [step.describe() for step in sock._zf_recipe.steps]
         result = sock.linger, sock.routing_id, sock.last_endpoint, steps
         ctx.destroy(linger=0)
         return result

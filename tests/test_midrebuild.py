@@ -73,13 +73,19 @@ class Pause:
 def install_pause(point: str, pause: Pause) -> None:
     """Patch zmqfork, in this (child) process only, to call ``pause.here()`` at ``point`` of a rebuild."""
     if point == "context-built":
+        backend = context_module._BackendContext
 
-        class PausedContext(context_module._PyzmqContext):  # type: ignore[misc,name-defined]
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
+        class PausedBackend:
+            """Stands in for pyzmq's compiled Context class where zmqfork re-initialises a context."""
+
+            @staticmethod
+            def __init__(context: Any, *args: Any, **kwargs: Any) -> None:
+                backend.__init__(context, *args, **kwargs)
                 pause.here()
 
-        context_module._PyzmqContext = PausedContext  # type: ignore[misc]
+            set = staticmethod(backend.set)
+
+        context_module._BackendContext = PausedBackend  # type: ignore[misc,assignment]
     elif point in ("socket-built", "replayed"):
         replay = recipe_module.SocketRecipe.replay
 
@@ -126,13 +132,14 @@ def test_fork_in_the_middle_of_a_rebuild(ctx: zmq.Context, point: str, grandchil
     def grandchild() -> Dict[str, Any]:
         dealer.send(b"grandchild")
         answer = dealer.recv()
+        context_after_dealer = ctx.underlying
         push.send(b"from the grandchild")  # a second socket of the same Context
         token = zmq.generation()
         found = {
             "answer": answer,
             "options": (dealer.rcvtimeo, dealer.sndhwm, dealer.linger),
-            "current": dealer._token == token == ctx._token == push._token,
-            "one context": dealer._sock.context is ctx._zctx is push._sock.context,
+            "current": dealer._zf_gen == token == ctx._zf_gen == push._zf_gen,
+            "one context": dealer.context is ctx is push.context and ctx.underlying == context_after_dealer,
             "generation": token,
         }
         ctx.destroy(linger=5_000)  # must not wait on the lock the paused thread holds in the child

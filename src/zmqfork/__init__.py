@@ -1,9 +1,11 @@
 """Fork-safe ZeroMQ: ``import zmqfork as zmq``.
 
-``Context``, ``Socket`` and ``Poller`` (and ``select``) are zmqfork's: they
-rebuild their ZeroMQ state in a forked child, wherever the fork came from.
-Every other name (constants, ``ZMQError``, ``Frame``, ``Again``, ...) is
-pyzmq's own.
+``Context`` and ``Socket`` are zmqfork's subclasses of pyzmq's: in a forked
+child, wherever the fork came from, they re-initialise themselves in place on
+new libzmq objects.  Every other name (``Poller``, ``select``, ``proxy``,
+constants, ``ZMQError``, ``Frame``, ...) is pyzmq's own; pyzmq's functions
+that read a socket's handle (``zmq_poll``, ``proxy``, ...) are made
+fork-aware at import (see ``zmqfork._compiled``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from zmq import *  # noqa: F401,F403  - pyzmq's names, re-exported unchanged
 
 from zmqfork import _descriptors  # noqa: F401  - hooks libzmq's descriptor calls, before any Context
 from zmqfork import _pyzmq_gc  # noqa: F401  - pyzmq's zero-copy collector mutex is reset in children
+from zmqfork._auth import watch_authenticators as _watch_authenticators
+from zmqfork._compiled import install as _install_fork_aware_functions
 
 from zmqfork._afterfork import register_at_fork
 from zmqfork._generation import check_fork
@@ -24,15 +28,12 @@ from zmqfork._report import Detection, detection, generation
 from zmqfork._version import __version__
 from zmqfork.context import Context  # type: ignore[assignment]  # replaces pyzmq's
 from zmqfork.errors import InheritedBindError, RebuildError
-from zmqfork.poll import Poller, select
 from zmqfork.socket import Socket  # type: ignore[assignment]  # replaces pyzmq's
 
 __all__ = [
-    *(name for name in _zmq.__all__ if name not in {"Context", "Socket", "Poller", "select"}),
+    *(name for name in _zmq.__all__ if name not in {"Context", "Socket"}),
     "Context",
     "Socket",
-    "Poller",
-    "select",
     "InheritedBindError",
     "RebuildError",
     "POLICIES",
@@ -46,6 +47,8 @@ __all__ = [
     "__version__",
 ]
 
+_install_fork_aware_functions()
+_watch_authenticators()
 
 if TYPE_CHECKING:
     from zmqfork._patching import patch, unpatch

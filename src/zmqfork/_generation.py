@@ -1,36 +1,65 @@
-"""The process generation as Python sees it: the token check, per-generation locks, noticing a fork.
+"""The process generation as Python sees it: the one fork check, noticing a fork, per-generation locks.
 
-A proxy records ``current_token()`` when it builds its pyzmq object and
-compares ``TOKEN[0]`` with it before every call; a mismatch means it runs in a
-forked child and must rebuild.  The first ``current_token()`` in a child
-notices the fork: it runs the ``zmqfork.register_at_fork`` callbacks.
+Every zmqfork object records in ``_zf_gen`` the token of the generation
+whose libzmq object it holds.  The one fork check is ``TOKEN[0] !=
+NOTICED[0]``: true in a forked child until some zmqfork call notices the
+fork.  It reads no attribute of any object (attribute loads on pyzmq's
+classes are slow), so it is written inline in the hot path; everything else
+calls ``notice()``.
+
+Noticing a fork (``notice()``, once per child) re-arms the token, marks every
+live zmqfork object's inherited libzmq object closed through pyzmq's own flag
+(so no compiled pyzmq method can reach libzmq with it), and runs the
+``zmqfork.register_at_fork`` callbacks.  A marked object is *stale*
+(``obj._zf_gen != TOKEN[0]``) and rebuilds itself in place at its next use.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any, Dict, List, Protocol, Tuple
+from weakref import WeakSet
 
 from zmqfork._afterfork import run_after_fork_callbacks
 from zmqfork._native import TOKEN, refresh
 
-__all__ = ["TOKEN", "current_token", "check_fork", "generation_lock", "STALE"]
-
-#: A token value no process ever has: proxies that must take the slow path on
-#: every call (a socket whose rebuild failed) record it.
-STALE = -1
-
-_locks: dict[int, threading.RLock] = {}
+__all__ = ["TOKEN", "NOTICED", "notice", "check_fork", "generation_lock", "adopt", "family", "Inherited"]
 
 
-def current_token() -> int:
-    """The token of this process generation, never 0 (re-arms it after a fork without handlers).
+class Inherited(Protocol):
+    """What every zmqfork context and socket provides to ``notice()``."""
 
-    In a child, the first call notices the fork: see ``check_fork``.
+    def _zf_mark_inherited(self) -> None:
+        """Mark the inherited libzmq object closed without calling libzmq or any user code."""
+
+
+#: The token whose fork was noticed: ``TOKEN[0] != NOTICED[0]`` is the one check.
+NOTICED: List[int] = [TOKEN[0] or refresh()]
+
+# Every live zmqfork context and socket, to mark when a fork is noticed.
+_family: "WeakSet[Any]" = WeakSet()
+_noticing = 0
+_locks: Dict[int, threading.RLock] = {}
+
+
+def adopt(obj: Inherited) -> None:
+    """Register a new zmqfork context or socket, so that a forked child marks it stale."""
+    _family.add(obj)
+
+
+def family() -> List[Any]:
+    """Every live zmqfork context and socket (a copy)."""
+    return list(_family)  # list(WeakSet) copies under the GIL
+
+
+def notice() -> int:
+    """The token of this process generation; in a child, the first call notices the fork.
+
+    Noticing marks every live zmqfork object stale, then runs the after-fork
+    callbacks in registration order.  Other threads wait until that is done;
+    a callback that calls zmqfork (same thread, re-entrant lock) goes on.
     """
-    token = TOKEN[0]
-    if token and token == _noticed:
-        return token
-    return _notice_fork()[0]
+    return _notice()[0]
 
 
 def check_fork() -> bool:
@@ -42,35 +71,30 @@ def check_fork() -> bool:
     callbacks must run before anything else does, typically first thing after
     a fork made in C.  In the process that imported zmqfork it returns False.
     """
-    return _notice_fork()[1]
+    return _notice()[1]
 
 
-# The token whose fork was noticed (callbacks done); the one being noticed now.
-_noticed = TOKEN[0] or refresh()
-_noticing = 0
-
-
-def _notice_fork() -> tuple[int, bool]:
-    """The current token, and whether this call ran the after-fork callbacks for it."""
-    global _noticed, _noticing
+def _notice() -> Tuple[int, bool]:
+    """The current token, and whether this call noticed the fork (marked the family, ran the callbacks)."""
+    global _noticing
     token = TOKEN[0] or refresh()
-    if token == _noticed:
+    if token == NOTICED[0]:
         return token, False
-    # Other threads wait here until the callbacks are done; a callback that
-    # calls zmqfork (same thread, re-entrant lock) finds _noticing set.
     with generation_lock(token):
-        if token in (_noticed, _noticing):
+        if token in (NOTICED[0], _noticing):
             return token, False
         _noticing = token
         try:
+            for obj in family():
+                obj._zf_mark_inherited()
             run_after_fork_callbacks(token)
         finally:
-            _noticed = token
+            NOTICED[0] = token
     return token, True
 
 
 def generation_lock(token: int) -> threading.RLock:
-    """The lock that serialises rebuilds in the generation ``token``.
+    """The lock that serialises noticing and rebuilds in the generation ``token``.
 
     Locks are made fresh for each generation, so a lock some thread of the
     parent held at fork time can never block the child.  Relies on the GIL

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, List, NamedTuple, Optional
 
 import zmq
+from zmq.backend import Socket as _BackendSocket
 
 from zmqfork.errors import RebuildError
 
@@ -158,19 +159,20 @@ class SocketRecipe:
 
 
 def _apply(sock: zmq.Socket[Any], step: Step, rebind: bool) -> None:
+    # pyzmq's compiled methods: a zmqfork socket replaying its own recipe must not record it again.
     kind = step.kind
     if kind == "set":
-        sock.set(step.option, step.value)
+        _BackendSocket.set(sock, step.option, step.value)
     elif kind == "connect":
-        sock.connect(step.endpoint)
+        _BackendSocket.connect(sock, step.endpoint)
     elif kind == "disconnect":
-        sock.disconnect(step.endpoint)
+        _BackendSocket.disconnect(sock, step.endpoint)
     elif kind == "bind":
         if rebind or _is_inproc(step):
-            sock.bind(step.endpoint)
+            _BackendSocket.bind(sock, step.endpoint)
     elif kind == "monitor":
-        sock.monitor(step.endpoint, step.value)
+        _BackendSocket.monitor(sock, step.endpoint, step.value)
     elif kind == "join":
-        sock.join(step.value)
+        _BackendSocket.join(sock, step.value)
     else:  # pragma: no cover - Step kinds are closed
         raise AssertionError(f"unknown recipe step {kind!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Dict, NamedTuple, Optional, Tuple
 
 from zmqfork import _descriptors, _native
-from zmqfork._generation import current_token
+from zmqfork._generation import notice
 
 __all__ = ["Detection", "detection", "generation"]
 
@@ -59,4 +59,4 @@ def detection() -> Detection:
 
 def generation() -> int:
     """The generation of this process: non-zero, different in every forked child."""
-    return current_token()
+    return notice()

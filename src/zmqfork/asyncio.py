@@ -1,157 +1,102 @@
-"""zmqfork.asyncio: fork-safe ``zmq.asyncio``, awaitable sockets that rebuild themselves in a forked child.
+"""zmqfork.asyncio: ``zmq.asyncio``'s classes, re-initialised in place in a forked child.
 
-``Context``, ``Socket`` and ``Poller`` mirror ``zmq.asyncio``'s: ``send``,
-``recv``, ``*_multipart``, ``*_json``, ``*_pyobj``, ``*_string`` and ``poll``
-return awaitables.  A Socket is a ``zmqfork.Socket`` (same recipe, same
-rebuild, same ``on_fork`` policies) that, in each process generation, keeps a
-``zmq.asyncio.Socket`` shadowing that generation's pyzmq socket and lets it do
-the asynchronous work.  In a forked child, the parent's shadow (and the event
-loop it was attached to) is let go untouched; the child's first call makes a
-new shadow, which attaches to the loop running then, typically a fresh
-``asyncio.run``.
+``Socket`` is a ``zmq.asyncio.Socket`` and a ``zmqfork.Socket``: pyzmq's
+awaitable API over zmqfork's recipe and rebuild.  In a forked child the
+parent's pending awaitables, event loop and selector are left alone (the
+child never touches the parent's selector, whose epoll instance it shares);
+the first use rebuilds the socket and starts from empty queues, attaching to
+whatever loop is running then, typically a fresh ``asyncio.run``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, ClassVar, Dict, List, Optional, Tuple, Type
+from collections import deque
+from typing import Any, ClassVar, Optional, Type, Union
 
 import zmq
 import zmq.asyncio
 
-from zmqfork._abandon import abandon_socket
+from zmqfork._auth import restart_waiting_authenticators
 from zmqfork._generation import TOKEN
 from zmqfork.context import Context as _Context
+from zmqfork.socket import _CLOSED_FLAG, _HANDLE
 from zmqfork.socket import Socket as _Socket
 
 __all__ = ["Context", "Socket", "Poller"]
 
 
-class Socket(_Socket):
-    """A ZeroMQ socket with ``zmq.asyncio.Socket``'s awaitable API that stays usable across fork.
+class Socket(zmq.asyncio.Socket, _Socket):  # type: ignore[misc]
+    """A ``zmq.asyncio.Socket`` that stays usable across fork (everything ``zmqfork.Socket`` says holds)."""
 
-    Made by ``zmqfork.asyncio.Context().socket(socket_type, on_fork=None)``.
-    Everything ``zmqfork.Socket`` says about forks holds; the I/O methods
-    return awaitables, as in ``zmq.asyncio``.  Pending awaitables of the
-    parent stay with the parent.
-    """
+    _repr_cls = "zmqfork.asyncio.Socket"
 
-    # This generation's zmq.asyncio shadow of the live pyzmq socket, made on first use.
-    _aio: Optional[zmq.asyncio.Socket] = None
+    # Every awaitable operation (send, recv, poll, their variants and
+    # Poller.poll) queues through these two: the fork check goes first.
+    def _add_recv_event(self, *args: Any, **kwargs: Any) -> Any:
+        self._zf_live_in_loop()
+        return super()._add_recv_event(*args, **kwargs)  # type: ignore[misc]
 
-    def _aio_socket(self) -> zmq.asyncio.Socket:
-        """The ``zmq.asyncio.Socket`` over this generation's pyzmq socket (rebuilding that first if needed)."""
-        live = self._live()
-        if self._closed:
-            raise zmq.ZMQError(zmq.ENOTSUP)
-        aio = self._aio
-        if aio is None or _shadowed(aio) is not live:
-            if aio is not None:
-                # The parent's shadow: its event loop and its libzmq socket are not ours to touch.
-                abandon_socket(aio)
-            aio = self._aio = zmq.asyncio.Socket.from_socket(live)
-        return aio
+    def _add_send_event(self, *args: Any, **kwargs: Any) -> Any:
+        self._zf_live_in_loop()
+        return super()._add_send_event(*args, **kwargs)  # type: ignore[misc]
 
-    # ---- awaitable I/O, done by pyzmq's zmq.asyncio.Socket -------------------
+    def _zf_live_in_loop(self) -> None:
+        self._zf_live()
+        context = self.context
+        if getattr(context, "_zf_authenticators_waiting", None):  # an AsyncioAuthenticator waits for a loop
+            restart_waiting_authenticators(context)
 
-    def send(  # type: ignore[override]
-        self, data: Any, flags: int = 0, copy: bool = True, track: bool = False, **kwargs: Any
-    ) -> Awaitable[Optional[zmq.MessageTracker]]:
-        """Send one message frame; an awaitable, see ``zmq.asyncio.Socket.send``."""
-        return self._aio_socket().send(data, flags, copy, track, **kwargs)
+    def _zf_mark_inherited(self) -> None:
+        super()._zf_mark_inherited()
+        shadow = self.__dict__.get("_shadow_sock")
+        if shadow is not None and not isinstance(shadow, _Socket):  # pyzmq's own shadow of our handle
+            _CLOSED_FLAG.__set__(shadow, True)
 
-    def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Awaitable[Any]:
-        """Receive one message frame; an awaitable, see ``zmq.asyncio.Socket.recv``."""
-        return self._aio_socket().recv(flags, copy, track)
-
-    def send_multipart(  # type: ignore[override]
-        self, msg_parts: Any, flags: int = 0, copy: bool = True, track: bool = False, **kwargs: Any
-    ) -> Awaitable[Optional[zmq.MessageTracker]]:
-        """Send a multipart message; an awaitable, see ``zmq.asyncio.Socket.send_multipart``."""
-        return self._aio_socket().send_multipart(msg_parts, flags, copy, track, **kwargs)
-
-    def recv_multipart(  # type: ignore[override]
-        self, flags: int = 0, copy: bool = True, track: bool = False
-    ) -> Awaitable[List[Any]]:
-        """Receive a multipart message; an awaitable, see ``zmq.asyncio.Socket.recv_multipart``."""
-        return self._aio_socket().recv_multipart(flags, copy, track)
-
-    def recv_into(self, buffer: Any, /, *, nbytes: int = 0, flags: int = 0) -> Awaitable[int]:  # type: ignore[override]
-        """Receive into a buffer; an awaitable of the byte count, see ``zmq.asyncio.Socket.recv_into``."""
-        return self._aio_socket().recv_into(buffer, nbytes=nbytes, flags=flags)
-
-    def poll(self, timeout: Optional[int] = None, flags: int = zmq.POLLIN) -> Awaitable[int]:  # type: ignore[override]
-        """Poll this socket for events; an awaitable of the event mask, see ``zmq.asyncio.Socket.poll``."""
-        poll: Any = self._aio_socket().poll  # pyzmq's stub types it as the Poller's
-        return poll(timeout, flags)  # type: ignore[no-any-return]
-
-    def get(self, option: int) -> Any:
-        """Get a socket option; reading ``zmq.EVENTS`` wakes pending awaitables, as in ``zmq.asyncio``."""
-        return self._aio_socket().get(option)
-
-    getsockopt = get
-
-    def _deserialize(self, recvd: Any, load: Any) -> Any:
-        # pyzmq's recv_json/recv_pyobj/recv_string/recv_serialized call this
-        # with the awaitable from recv: chain the decoding onto it.
-        return self._aio_socket()._deserialize(recvd, load)
-
-    # ---- lifecycle -------------------------------------------------------------------
+    def _zf_after_rebuild(self) -> None:
+        # What zmq.asyncio.Socket.__init__ sets up, for the new libzmq socket:
+        # I/O goes through _shadow_sock, which a zmqfork socket keeps current itself.
+        shadow = self._shadow_sock
+        if not isinstance(shadow, _Socket):
+            shadow = zmq.Socket.shadow(_HANDLE.__get__(self))
+        self.__dict__.update(
+            _shadow_sock=shadow,
+            _recv_futures=deque(),
+            _send_futures=deque(),
+            _state=0,
+            _current_loop=None,
+            _fd=shadow.FD,
+        )
 
     def close(self, linger: Optional[int] = None) -> None:
         """Close the socket: pending awaitables are cancelled, as in ``zmq.asyncio``.
 
-        In a forked child that has not used it, closing calls nothing in
-        libzmq and leaves the parent's event loop alone.
+        In a forked child that has not used it, nothing is called in libzmq
+        and the parent's event loop is left alone.
         """
-        aio = self._aio
-        if aio is not None and not self._closed and TOKEN[0] == self._token and _shadowed(aio) is self._sock:
-            # pyzmq's own close: cancels pending futures, leaves the loop, closes the libzmq socket.
-            aio.close(linger)
-            abandon_socket(self._sock)  # closed just now, through its shadow
-        super().close(linger)
-
-    def __repr__(self) -> str:
-        return "<zmqfork.asyncio" + super().__repr__()[len("<zmqfork") :]
+        if self._zf_gen != TOKEN[0]:
+            _Socket.close(self, linger)
+        else:
+            super().close(linger)
 
 
-def _shadowed(aio: zmq.asyncio.Socket) -> Any:
-    """The pyzmq socket a zmq.asyncio.Socket made by ``from_socket`` does its I/O on."""
-    return aio._shadow_sock
+class Context(zmq.asyncio.Context, _Context):  # type: ignore[misc]
+    """A ``zmq.asyncio.Context`` whose sockets are ``zmqfork.asyncio.Socket``; see ``zmqfork.Context``."""
+
+    _repr_cls = "zmqfork.asyncio.Context"
+    _socket_class = Socket
+    _instance: ClassVar[Optional[_Context]] = None  # type: ignore[misc]
+
+    def __init__(
+        self,
+        io_threads: Union[int, zmq.Context[Any]] = 1,
+        shadow: Union[zmq.Context[Any], int] = 0,
+        *,
+        on_fork: str = "reconnect",
+    ) -> None:
+        _Context.__init__(self, io_threads, shadow, on_fork=on_fork)
 
 
-class Context(_Context):
-    """A ZeroMQ context whose sockets are awaitable (``zmqfork.asyncio.Socket``) and stay usable across fork.
+class Poller(zmq.asyncio.Poller):
+    """``zmq.asyncio.Poller``; sockets that are not awaitable are wrapped in ``zmqfork.asyncio.Socket``."""
 
-    ``Context(io_threads=1, on_fork="reconnect")``, as ``zmqfork.Context``.
-    """
-
-    _instance: ClassVar[Optional[_Context]] = None
-    _socket_class: ClassVar[Type[_Socket]] = Socket
-
-    def __repr__(self) -> str:
-        return "<zmqfork.asyncio" + super().__repr__()[len("<zmqfork") :]
-
-
-class Poller(zmq.Poller):
-    """An asyncio poller over zmqfork sockets (awaitable or not), pyzmq sockets and file descriptors.
-
-    ``await poller.poll(timeout)`` answers with the objects that were
-    registered, as ``zmq.asyncio.Poller`` does; a zmqfork socket rebuilt in a
-    forked child is still reported as itself.
-    """
-
-    async def poll(self, timeout: Optional[int] = -1) -> List[Tuple[Any, int]]:  # type: ignore[override]
-        """Wait up to ``timeout`` milliseconds (-1 or None: forever) for events."""
-        inner = zmq.asyncio.Poller()
-        registered: Dict[int, Any] = {}
-        for obj, flags in self.sockets:
-            if isinstance(obj, Socket):
-                live: Any = obj._aio_socket()
-            elif isinstance(obj, _Socket):
-                live = obj._live()
-            else:
-                live = obj
-            registered[id(live)] = obj
-            inner.register(live, flags)
-        events = await inner.poll(timeout)
-        return [(registered.get(id(live), live), mask) for live, mask in events]
+    _socket_class: Type[Socket] = Socket  # type: ignore[assignment]

@@ -1,44 +1,39 @@
-"""zmqfork.Context: a pyzmq context that is replaced by a fresh one in a forked child.
+"""zmqfork.Context: a ``zmq.Context`` that re-initialises itself in place in a forked child.
 
-Each process generation gets one pyzmq context per zmqfork Context, built on
-first use and shared by that Context's sockets.  The inherited one is let go
-without calling libzmq.
+In the process that made it, a Context is a ``zmq.Context``.  In a forked
+child, its first use gives the same object a new libzmq context with the
+context options replayed; the inherited one is never called.  Its sockets
+are zmqfork sockets, whatever ``socket_class`` asks for (a fork-safe
+subclass of it is made), and rebuild themselves in this context.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Optional, Type, TypeVar
-from weakref import WeakSet
+import sys
+from typing import Any, ClassVar, Dict, List, Optional, Type, TypeVar, Union
 
 import zmq
 from zmq.backend import Context as _BackendContext
-from zmq.sugar.attrsettr import AttributeSetter
 
 from zmqfork import _log
-from zmqfork._abandon import abandon_context
-from zmqfork._generation import TOKEN, current_token, generation_lock
+from zmqfork._generation import NOTICED, TOKEN, adopt, family, generation_lock, notice
 from zmqfork._policy import check_policy
 from zmqfork.socket import Socket
 
-__all__ = ["Context"]
-
+__all__ = ["Context", "fork_safe_socket_class"]
 
 _C = TypeVar("_C", bound="Context")
-_PyzmqContext = zmq.Context
+# pyzmq's flag and handle, read and written without calling libzmq.
+_CLOSED_FLAG: Any = _BackendContext.__dict__["closed"]
+_HANDLE: Any = _BackendContext.__dict__["underlying"]
 
 
-def _new_pyzmq_context(io_threads: int) -> zmq.Context[Any]:
-    """A plain ``zmq.Context``, made without ``zmq.Context.__new__`` (which ``zmqfork.patch()`` redirects)."""
-    zctx: zmq.Context[Any] = _BackendContext.__new__(_PyzmqContext)
-    _PyzmqContext.__init__(zctx, io_threads)
-    return zctx
+class Context(zmq.Context[Socket]):
+    """A ``zmq.Context`` whose sockets stay usable across fork.
 
-
-class Context(AttributeSetter):
-    """A ZeroMQ context whose sockets stay usable across fork.
-
-    ``Context(io_threads=1, on_fork="reconnect")``.  ``on_fork`` is the default
-    bind policy of its sockets in a forked child:
+    ``Context(io_threads=1, *, on_fork="reconnect")``; ``shadow=`` as in
+    pyzmq (a shadow of a zmqfork Context follows it across fork).
+    ``on_fork`` is the default bind policy of its sockets in a forked child:
 
     - ``"reconnect"``: options and connects are replayed, binds are not; a
       socket that had binds raises ``zmqfork.InheritedBindError`` when used.
@@ -50,176 +45,223 @@ class Context(AttributeSetter):
     pyzmq.
     """
 
-    _instance: ClassVar[Optional[Context]] = None
-    #: What ``socket()`` makes unless told otherwise (zmqfork.asyncio makes async sockets).
-    _socket_class: ClassVar[Type[Socket]] = Socket
+    _repr_cls = "zmqfork.Context"
+    _socket_class: Type[Socket] = Socket
+    _instance: ClassVar[Optional[Context]] = None  # type: ignore[misc]  # this class's own, not pyzmq's
 
     on_fork: str
-    sockopts: Dict[int, Any]
-    _zctx: zmq.Context[Any]
-    _token: int
-    _io_threads: int
-    _options: Dict[int, Any]
-    _sockets: WeakSet[Socket]
-    _closed: bool
-    _shadow = False
-    _warn_destroy_close = False
+    _zf_gen: int
+    _zf_io_threads: int
+    #: Context options to replay; a shadow shares its origin's.
+    _zf_options: Dict[int, Any]
+    _zf_origin: Optional[Context]
+    _zf_terminated: bool
+    #: Weak references to the zmq.auth authenticators started on this context, restarted in a child
+    #: (see zmqfork._auth); those of asyncio wait for a running event loop.
+    _zf_authenticators: List[Any]
+    _zf_authenticators_waiting: List[Any]
 
-    def __init__(self, io_threads: int = 1, on_fork: str = "reconnect") -> None:
+    def __init__(
+        self,
+        io_threads: Union[int, zmq.Context[Any]] = 1,
+        shadow: Union[zmq.Context[Any], int] = 0,
+        *,
+        on_fork: str = "reconnect",
+    ) -> None:
+        if isinstance(io_threads, zmq.Context):  # positional Context(other_context), as pyzmq
+            io_threads, shadow = 1, io_threads
         if isinstance(io_threads, bool) or not isinstance(io_threads, int):
             raise TypeError(f"io_threads must be an int, not {type(io_threads).__name__}")
-        policy = check_policy(on_fork)
+        origin = _origin_of(shadow) if shadow else None
+        if origin is not None:
+            origin._zf_live()
         self.__dict__.update(
-            on_fork=policy,
-            sockopts={},
-            _zctx=_new_pyzmq_context(io_threads),
-            _token=current_token(),
-            _io_threads=io_threads,
-            _options={},
-            _sockets=WeakSet(),
-            _closed=False,
+            on_fork=check_policy(origin.on_fork if origin is not None else on_fork),
+            _zf_gen=notice(),
+            _zf_io_threads=io_threads,
+            _zf_options=origin._zf_options if origin is not None else {},
+            _zf_origin=origin,
+            _zf_terminated=False,
+            _zf_authenticators=[],
+            _zf_authenticators_waiting=[],
         )
+        super().__init__(io_threads, shadow)  # type: ignore[arg-type]
+        adopt(self)
 
     @classmethod
     def instance(cls: Type[_C], io_threads: int = 1) -> _C:
-        """The process-wide Context, made on first call.
+        """The process-wide Context of this class, made on first call.
 
-        The same object serves in forked children, where it rebuilds itself.
+        Unlike pyzmq's, the same object serves in forked children, where it
+        re-initialises itself.
         """
         inst = cls.__dict__.get("_instance")
         if inst is None or inst.closed:
-            with generation_lock(current_token()):
+            with generation_lock(notice()):
                 inst = cls.__dict__.get("_instance")
                 if inst is None or inst.closed:
                     inst = cls(io_threads)
                     cls._instance = inst
-        return inst
+        return inst  # type: ignore[no-any-return]
 
-    # ---- generation check and rebuild -----------------------------------
+    # ---- the fork check and the re-initialisation --------------------------
 
-    def _current(self, token: int) -> zmq.Context[Any]:
-        """The pyzmq context of generation ``token``, built on first use in a child."""
-        if self._token != token:
+    def _zf_live(self) -> None:
+        """Re-initialise this context in place if it is stale (inherited from the parent)."""
+        if TOKEN[0] != NOTICED[0]:
+            notice()
+        if self._zf_gen != TOKEN[0]:
+            token = notice()
             with generation_lock(token):
-                if self._token != token:
-                    self._rebuild(token)
-        return self._zctx
+                if self._zf_gen != token:
+                    self._zf_rebuild(token)
 
-    def _rebuild(self, token: int) -> None:
-        if self._closed:
-            raise zmq.ZMQError(zmq.ENOTSUP)
-        abandon_context(self._zctx)
-        zctx = _new_pyzmq_context(self._io_threads)
-        for option, value in self._options.items():
-            zctx.set(option, value)
-        self._zctx = zctx
-        self._token = token
-        _log.debug("zmqfork: new context for %r in forked child", self)
+    def _zf_rebuild(self, token: int) -> None:
+        self._zf_mark_inherited()
+        if not self._zf_terminated:
+            origin = self._zf_origin
+            if origin is not None:
+                origin._zf_live()
+                _BackendContext.__init__(self, shadow=_HANDLE.__get__(origin))
+            else:
+                _BackendContext.__init__(self, self._zf_io_threads)
+                for option, value in self._zf_options.items():
+                    _BackendContext.set(self, option, value)
+            _log.debug("zmqfork: new context for %r in forked child", self)
+        self.__dict__["_zf_gen"] = token
+        if self._zf_authenticators:
+            from zmqfork._auth import restart_authenticators
 
-    def _live(self) -> zmq.Context[Any]:
-        return self._current(current_token())
+            restart_authenticators(self)
 
-    def _forget(self, sock: Socket) -> None:
-        self._sockets.discard(sock)
+    def _zf_mark_inherited(self) -> None:
+        """Make pyzmq treat the inherited libzmq context as closed, without calling libzmq."""
+        _CLOSED_FLAG.__set__(self, True)
 
     # ---- sockets -------------------------------------------------------------
 
-    def socket(
+    def socket(  # type: ignore[override]
         self,
         socket_type: int,
-        on_fork: Optional[str] = None,
+        socket_class: Optional[Any] = None,
         *,
-        socket_class: Optional[Type[Socket]] = None,
-        copy_threshold: Optional[int] = None,
-    ) -> Socket:
-        """Create a fork-safe socket of ``socket_type``.
+        on_fork: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Create a fork-safe socket of ``socket_type``; see ``zmq.Context.socket``.
 
-        ``on_fork`` overrides the Context's bind policy for this socket.
-        Default socket options set with ``setsockopt`` are applied, ignoring
-        those that do not apply to this socket type, as pyzmq does.
+        ``on_fork`` overrides the Context's bind policy for this socket.  A
+        ``socket_class`` that is not a zmqfork socket class is replaced by a
+        fork-safe subclass of it.
         """
-        if self.closed:
-            raise zmq.ZMQError(zmq.ENOTSUP)
-        cls = self._socket_class if socket_class is None else socket_class
-        if not (isinstance(cls, type) and issubclass(cls, Socket)):
-            raise TypeError(f"socket_class must be a zmqfork.Socket subclass, not {cls!r}")
-        sock = cls(self, socket_type, on_fork=on_fork, copy_threshold=copy_threshold)
-        for option, value in self.sockopts.items():
-            try:
-                sock.set(option, value)
-            except zmq.ZMQError:
-                pass
-        self._sockets.add(sock)
-        return sock
+        if isinstance(socket_class, str):
+            raise TypeError(f"pass on_fork by keyword: ctx.socket(socket_type, on_fork={socket_class!r})")
+        if socket_class is not None and not (isinstance(socket_class, type) and issubclass(socket_class, zmq.Socket)):
+            raise TypeError(f"socket_class must be a zmq.Socket subclass, not {socket_class!r}")
+        self._zf_live()
+        if on_fork is not None:
+            kwargs["on_fork"] = check_policy(on_fork)
+        return super().socket(socket_type, fork_safe_socket_class(socket_class or self._socket_class), **kwargs)
 
     # ---- options -----------------------------------------------------------------
 
-    def set(self, option: int, optval: int) -> None:
+    def set(self, option: int, optval: Any) -> None:
         """Set a context option; it is replayed on the context of a forked child."""
-        self._live().set(option, optval)
-        self._options[option] = optval
+        self._zf_live()
+        super().set(option, optval)
+        self._zf_options[option] = optval
 
     def get(self, option: int) -> Any:
         """Get a context option."""
-        return self._live().get(option)
-
-    # pyzmq's own functions for default socket options, run on this proxy.
-    setsockopt = _PyzmqContext.setsockopt
-    getsockopt = _PyzmqContext.getsockopt
-    _set_attr_opt = _PyzmqContext._set_attr_opt
-    _get_attr_opt = _PyzmqContext._get_attr_opt
-    __delattr__ = _PyzmqContext.__delattr__
-
-    # ---- lifecycle -----------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        """Whether the context was terminated."""
-        if self._closed:
-            return True
-        return self._token == TOKEN[0] and bool(self._zctx.closed)
+        self._zf_live()
+        return super().get(option)
 
     @property
     def underlying(self) -> int:
-        """The address of the libzmq context of this process generation."""
-        return int(self._live().underlying)
+        """The address of the libzmq context of this process generation (re-initialised first in a child)."""
+        self._zf_live()
+        return int(_HANDLE.__get__(self))
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    @property  # type: ignore[override]
+    def closed(self) -> bool:
+        """Whether the context was terminated.  An inherited context is open: it re-initialises on use."""
+        if self._zf_gen != TOKEN[0]:
+            return self._zf_terminated
+        return bool(_CLOSED_FLAG.__get__(self))
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        _CLOSED_FLAG.__set__(self, value)
 
     def term(self) -> None:
         """Terminate the context, as ``zmq.Context.term`` (blocks until its sockets are closed).
 
         In a forked child that never used it, nothing is called in libzmq.
         """
-        if self._closed:
-            return
-        if self._token != current_token():
-            abandon_context(self._zctx)
+        if self._zf_gen == TOKEN[0]:
+            super().term()
         else:
-            self._zctx.term()
-        self._closed = True
+            self._zf_mark_inherited()
+        self.__dict__["_zf_terminated"] = True
 
     def destroy(self, linger: Optional[int] = None) -> None:
-        """Close every socket of this Context (with ``linger`` if given), then terminate it."""
-        if self._closed:
-            return
-        for sock in list(self._sockets):
-            sock.close(linger)
-        self.term()
+        """Close every socket of this context (with ``linger`` if given), then terminate it; see ``zmq.Context.destroy``.
 
-    def __enter__(self: _C) -> _C:
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        self.destroy()
+        In a forked child, sockets never used there are let go, unbuilt.
+        """
+        token = TOKEN[0]
+        for sock in list(self.__dict__.get("_sockets") or ()):
+            if getattr(sock, "_zf_gen", token) != token:
+                sock.close()
+        super().destroy(linger)
 
     def __del__(self) -> None:
-        # Never let pyzmq's __del__ reach libzmq with an inherited context.
-        zctx = self.__dict__.get("_zctx")
+        gen = self.__dict__.get("_zf_gen")
+        if gen is None:  # __init__ failed before anything was built
+            return
         try:
-            if zctx is not None and self._token != TOKEN[0]:
-                abandon_context(zctx)
+            inherited = gen != TOKEN[0]
         except Exception:  # interpreter teardown: module globals may be gone
-            pass
+            return
+        if inherited:  # never let pyzmq's __del__ reach an inherited libzmq context
+            self._zf_mark_inherited()
+            return
+        super().__del__()
 
-    def __repr__(self) -> str:
-        closed = " closed" if self._closed else ""
-        return f"<zmqfork.Context({len(self._sockets)} sockets) at {hex(id(self))}{closed}>"
+
+def _origin_of(shadow: Any) -> Optional[Context]:
+    """The zmqfork Context that ``shadow`` (a context or an address) stands for, or None if it is foreign."""
+    if isinstance(shadow, Context):
+        return shadow._zf_origin or shadow
+    if isinstance(shadow, int):
+        for member in family():
+            if isinstance(member, Context) and member._zf_origin is None and _HANDLE.__get__(member) == shadow:
+                return member
+    return None
+
+
+_fork_safe_classes: Dict[Any, Any] = {}
+
+
+def fork_safe_socket_class(cls: Type[zmq.Socket[Any]]) -> Type[Socket]:
+    """The zmqfork socket class to make where the ``zmq.Socket`` subclass ``cls`` was asked for.
+
+    pyzmq's own classes map to zmqfork's; another ``zmq.Socket`` subclass
+    gets a fork-safe subclass of itself (made once), whose methods run
+    before zmqfork's.
+    """
+    if issubclass(cls, Socket):
+        return cls
+    safe = _fork_safe_classes.get(cls)
+    if safe is None:
+        aio = sys.modules.get("zmq.asyncio")  # not imported: cls cannot be one of its classes
+        if aio is not None and issubclass(cls, aio.Socket):
+            from zmqfork.asyncio import Socket as base
+        else:
+            base = Socket
+        pyzmq_own = cls is zmq.Socket or (aio is not None and cls is aio.Socket)
+        safe = base if pyzmq_own else type(cls.__name__, (cls, base), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+        _fork_safe_classes[cls] = safe
+    return safe

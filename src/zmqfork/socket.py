@@ -1,23 +1,27 @@
-"""zmqfork.Socket: a pyzmq socket that rebuilds itself when it finds itself in a forked child.
+"""zmqfork.Socket: a ``zmq.Socket`` that rebuilds itself in place when it finds itself in a forked child.
 
-In the process that made it, a Socket is a thin proxy over a ``zmq.Socket``.
-In a forked child, its first call notices the fork (one memory load), lets the
-inherited pyzmq socket go without calling libzmq, and builds a fresh socket in
-a fresh context, replaying the recipe: options, subscriptions, connects and
-monitors in their original order, and binds according to ``on_fork``.
+In the process that made it, a Socket is a ``zmq.Socket``: pyzmq's methods,
+pyzmq's errors, accepted by every pyzmq function.  It also records its recipe
+(options, subscriptions, connects, monitors, binds, in order).  In a forked
+child, its first use re-initialises the same Python object on a new libzmq
+socket, in the fresh context of its ``zmqfork.Context``, and replays the
+recipe (binds by its ``on_fork`` policy).  The inherited libzmq socket is
+never called: ``notice()`` marks it closed through pyzmq's own flag.
+
+A Socket made with ``shadow=`` of another zmqfork socket (``Socket.shadow``,
+``copy.copy``) follows it: in a child it shadows the rebuilt socket.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+import errno
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import zmq
 from zmq.backend import Socket as _BackendSocket
 
 from zmqfork import _log
-from zmqfork._abandon import abandon_socket
-from zmqfork._generation import STALE, TOKEN, current_token, generation_lock
-from zmqfork._options import add_option_properties, option_for_attribute
+from zmqfork._generation import NOTICED, TOKEN, adopt, family, generation_lock, notice
 from zmqfork._policy import check_policy
 from zmqfork._recipe import SocketRecipe
 from zmqfork.errors import InheritedBindError, RebuildError
@@ -27,126 +31,166 @@ if TYPE_CHECKING:
 
 __all__ = ["Socket"]
 
-
-# The compiled backend's send and recv: pyzmq's own Socket.send is a Python
-# method that only adds routing_id/group handling on top of it.
+# The compiled backend's methods: pyzmq's Socket.send is a Python method that
+# only adds routing_id/group handling on top of the backend's.
 _backend_send = _BackendSocket.send
 _backend_recv = _BackendSocket.recv
-_PyzmqSocket = zmq.Socket
+_backend_recv_into = _BackendSocket.recv_into
+# pyzmq's flag and handle, read and written without calling libzmq.
+_CLOSED_FLAG: Any = _BackendSocket.__dict__["_closed"]
+_HANDLE: Any = _BackendSocket.__dict__["underlying"]
 
 
-@add_option_properties
-class Socket:
-    """A ZeroMQ socket that stays usable across fork.
+class Socket(zmq.Socket[Any]):
+    """A ``zmq.Socket`` that stays usable across fork.
 
-    Made by ``zmqfork.Context.socket(socket_type, on_fork=None)``.  It has the
-    whole synchronous ``zmq.Socket`` API and raises pyzmq's errors.
+    Made by ``zmqfork.Context().socket(socket_type, on_fork=None)`` (or
+    ``zmqfork.Socket(ctx, socket_type, on_fork=None)``).  ``on_fork`` overrides
+    the Context's bind policy for this socket: see ``zmqfork.Context``.
 
-    In the parent it behaves exactly as a ``zmq.Socket``.  In a forked child
-    the first call rebuilds it (see ``on_fork``); messages queued in the
-    parent stay with the parent.
+    In the parent it is a plain ``zmq.Socket``.  In a forked child the first
+    use rebuilds it in place: same object, new libzmq socket, recipe replayed.
+    Messages queued in the parent stay with the parent.
     """
 
-    _ctx: Context
-    _sock: zmq.Socket[Any]
-    _token: int
-    _type: int
-    _on_fork: str
-    _recipe: SocketRecipe
-    _closed: bool
-    _failure: Optional[zmq.ZMQError]
-    _monitor_socket: Optional[Socket] = None
-    _shadow = False
+    _repr_cls = "zmqfork.Socket"
+
+    #: The token of the generation whose libzmq socket this object holds.
+    _zf_gen: int
+    _zf_type: int
+    _zf_on_fork: str
+    #: What rebuilds it; a shadow shares its origin's; None for a shadow of a foreign socket.
+    _zf_recipe: Optional[SocketRecipe]
+    #: For a shadow of a zmqfork socket: that socket, which it follows across fork.
+    _zf_origin: Optional[Socket]
+    _zf_closed: bool
+    _zf_failure: Optional[zmq.ZMQError]
 
     def __init__(
         self,
-        context: Context,
-        socket_type: int,
+        ctx_or_socket: Any = None,
+        socket_type: int = 0,
         *,
-        on_fork: Optional[str] = None,
+        shadow: Union[zmq.Socket[Any], int] = 0,
         copy_threshold: Optional[int] = None,
+        on_fork: Optional[str] = None,
     ) -> None:
         from zmqfork.context import Context
 
-        if not isinstance(context, Context):
-            raise TypeError(
-                f"zmqfork.Socket needs a zmqfork.Context, not {type(context).__name__}; "
-                "use zmqfork.Context().socket(socket_type)"
-            )
-        policy = context.on_fork if on_fork is None else check_policy(on_fork)
-        token = current_token()
-        if copy_threshold is None:
-            sock = context._current(token).socket(socket_type)
+        if isinstance(ctx_or_socket, zmq.Socket):  # positional Socket(other_socket), as pyzmq
+            ctx_or_socket, shadow = None, ctx_or_socket
+        origin: Optional[Socket] = None
+        if shadow:
+            if on_fork is not None:
+                raise TypeError("on_fork is for sockets zmqfork owns; a shadow follows the socket it shadows")
+            origin = _origin_of(shadow)
+            if origin is not None:
+                origin._zf_live()
+            recipe = origin._zf_recipe if origin is not None else None
+            policy = origin._zf_on_fork if origin is not None else "reconnect"
         else:
-            sock = context._current(token).socket(socket_type, copy_threshold=copy_threshold)
+            if not isinstance(ctx_or_socket, Context):
+                raise TypeError(
+                    f"zmqfork.Socket needs a zmqfork.Context, not {type(ctx_or_socket).__name__}; "
+                    "use zmqfork.Context().socket(socket_type)"
+                )
+            ctx_or_socket._zf_live()
+            policy = ctx_or_socket.on_fork if on_fork is None else check_policy(on_fork)
+            recipe = SocketRecipe()
         self.__dict__.update(
-            _ctx=context,
-            _sock=sock,
-            _token=token,
-            _type=sock.type,
-            _on_fork=policy,
-            _recipe=SocketRecipe(),
-            _closed=False,
-            _failure=None,
+            _zf_gen=notice(),
+            _zf_type=socket_type,
+            _zf_on_fork=policy,
+            _zf_recipe=recipe,
+            _zf_origin=origin,
+            _zf_closed=False,
+            _zf_failure=None,
         )
+        super().__init__(ctx_or_socket, socket_type, shadow=shadow, copy_threshold=copy_threshold)
+        self.__dict__["_zf_type"] = int(self.type)
+        if origin is not None and self.context is None:
+            self.context = origin.context
+        adopt(self)
 
-    # ---- generation check and rebuild -----------------------------------
+    # ---- the fork check and the rebuild -----------------------------------
 
-    def _live(self) -> zmq.Socket[Any]:
-        """The pyzmq socket of this process generation, rebuilt if needed."""
-        if TOKEN[0] != self._token:
-            self._refresh()
-        return self._sock
+    def _zf_live(self) -> None:
+        """Rebuild this socket in place if it is stale (inherited from the parent): every slow path's check."""
+        if TOKEN[0] != NOTICED[0]:
+            notice()
+        if self._zf_gen != TOKEN[0]:
+            self._zf_revive()
 
-    def _refresh(self) -> None:
-        if self._failure is not None:
-            raise self._failure
-        token = current_token()
-        if token == self._token:
-            return
+    def _zf_revive(self) -> None:
+        token = notice()
+        if self._zf_failure is not None:
+            raise self._zf_failure
         with generation_lock(token):
-            if token != self._token:
-                self._rebuild(token)
+            if self._zf_gen != token:
+                self._zf_rebuild(token)
 
-    def _rebuild(self, token: int) -> None:
-        inherited = self._sock
-        abandon_socket(inherited)
-        if self._closed or self._on_fork == "close":
-            # Keep the abandoned socket: it raises what a closed pyzmq socket raises.
-            self._closed = True
-            self._token = token
-            _log.debug("zmqfork: %r closed in forked child (on_fork=%r)", self, self._on_fork)
+    def _zf_rebuild(self, token: int) -> None:
+        self._zf_mark_inherited()
+        if self._zf_closed or self._zf_on_fork == "close":
+            # Stays marked: every call raises what a closed pyzmq socket raises.
+            self.__dict__.update(_zf_closed=True, _zf_gen=token)
+            _log.debug("zmqfork: %r closed in forked child (on_fork=%r)", self, self._zf_on_fork)
             return
-        rebind = self._on_fork == "rebind"
-        bound = self._recipe.bound_endpoints()
-        if bound and not rebind:
-            self._fail(InheritedBindError(bound))
-        sock = self._ctx._current(token).socket(self._type, copy_threshold=inherited.copy_threshold)
-        try:
-            self._recipe.replay(sock, rebind=rebind)
-        except RebuildError as exc:
-            sock.close(linger=0)
-            self._fail(exc)
-        self._sock = sock
-        self._token = token
-        _log.debug("zmqfork: rebuilt %r in forked child from %r", self, self._recipe)
+        origin = self._zf_origin
+        if origin is not None:
+            origin._zf_live()
+            if origin._zf_closed:
+                self.__dict__.update(_zf_closed=True, _zf_gen=token)
+                return
+            _BackendSocket.__init__(self, shadow=_HANDLE.__get__(origin))
+            self.context = origin.context
+        else:
+            self._zf_build(token)
+        self.__dict__["_zf_gen"] = token
+        self._zf_after_rebuild()
+        _log.debug("zmqfork: rebuilt %r in forked child from %r", self, self._zf_recipe)
 
-    def _fail(self, error: zmq.ZMQError) -> None:
+    def _zf_build(self, token: int) -> None:
+        """A new libzmq socket for this object, in the child's context, with the recipe replayed."""
+        recipe = self._zf_recipe
+        if recipe is None:
+            self._zf_fail(
+                zmq.ZMQError(
+                    errno.ENOTSUP,
+                    "this socket shadows a libzmq socket that zmqfork does not own; it cannot be "
+                    "rebuilt in a forked child: shadow a zmqfork socket, or create it after the fork",
+                )
+            )
+            return
+        rebind = self._zf_on_fork == "rebind"
+        bound = recipe.bound_endpoints()
+        if bound and not rebind:
+            self._zf_fail(InheritedBindError(bound))
+        context = self.context
+        context._zf_live()
+        _BackendSocket.__init__(self, context, self._zf_type, copy_threshold=self.copy_threshold)
+        try:
+            recipe.replay(self, rebind=rebind)
+        except RebuildError as exc:
+            _BackendSocket.close(self, linger=0)
+            self._zf_fail(exc)
+
+    def _zf_after_rebuild(self) -> None:
+        """Reset per-process state layered on the libzmq socket (zmqfork.asyncio resets its loop state)."""
+
+    def _zf_fail(self, error: zmq.ZMQError) -> None:
         """Make every later call raise ``error`` (until close), and raise it now."""
-        self._failure = error
-        self._token = STALE
+        self.__dict__["_zf_failure"] = error
         raise error
 
-    def _drop_inherited(self) -> bool:
-        """In a child that has not rebuilt this socket, let the inherited one go; True if it did."""
-        if TOKEN[0] == self._token and self._failure is None:
-            return False
-        abandon_socket(self._sock)
-        self._token = current_token()
-        self._failure = None
-        return True
+    def _zf_mark_inherited(self) -> None:
+        """Make pyzmq treat the inherited libzmq socket as closed, without calling libzmq."""
+        _CLOSED_FLAG.__set__(self, True)
 
     # ---- the hot path ------------------------------------------------------
+    # The fork check is inline (see zmqfork._generation); a socket marked
+    # stale raises ENOTSOCK from the backend before any libzmq call, and is
+    # rebuilt and the call made again.
 
     def send(
         self,
@@ -158,210 +202,167 @@ class Socket:
         group: Optional[str] = None,
     ) -> Optional[zmq.MessageTracker]:
         """Send one message frame; see ``zmq.Socket.send``."""
-        if TOKEN[0] != self._token:
-            self._refresh()
+        if TOKEN[0] != NOTICED[0]:
+            notice()
         if routing_id is None and group is None:
-            return _backend_send(self._sock, data, flags, copy, track)
-        return self._sock.send(data, flags, copy, track, routing_id, group)  # type: ignore[no-any-return]
+            try:
+                return _backend_send(self, data, flags, copy, track)  # type: ignore[no-any-return]
+            except zmq.ZMQError:
+                if self._zf_gen == TOKEN[0]:
+                    raise
+            self._zf_revive()
+            return _backend_send(self, data, flags, copy, track)  # type: ignore[no-any-return]
+        self._zf_live()
+        return super().send(data, flags, copy, track, routing_id, group)  # type: ignore[no-any-return]
 
     def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
         """Receive one message frame; see ``zmq.Socket.recv``."""
-        if TOKEN[0] != self._token:
-            self._refresh()
-        return _backend_recv(self._sock, flags, copy, track)
+        if TOKEN[0] != NOTICED[0]:
+            notice()
+        try:
+            return _backend_recv(self, flags, copy, track)
+        except zmq.ZMQError:
+            if self._zf_gen == TOKEN[0]:
+                raise
+        self._zf_revive()
+        return _backend_recv(self, flags, copy, track)
+
+    def recv_into(self, buffer: Any, /, *, nbytes: int = 0, flags: int = 0) -> int:
+        """Receive into a buffer; see ``zmq.Socket.recv_into``."""
+        self._zf_live()
+        return int(_backend_recv_into(self, buffer, nbytes=nbytes, flags=flags))
 
     # ---- calls that change the recipe --------------------------------------
 
     def set(self, option: int, optval: Any) -> None:
         """Set a socket option; it is replayed in a forked child."""
-        self._live().set(option, optval)
-        self._recipe.record_option(option, optval)
+        self._zf_live()
+        super().set(option, optval)
+        if self._zf_recipe is not None:
+            self._zf_recipe.record_option(option, optval)
 
     setsockopt = set
 
     def get(self, option: int) -> Any:
         """Get a socket option; see ``zmq.Socket.get``."""
-        return self._live().get(option)
+        self._zf_live()
+        return super().get(option)
 
     getsockopt = get
 
     def connect(self, addr: str) -> Any:
-        """Connect to ``addr``; the connect is replayed in a forked child.
-
-        Returns a context manager that disconnects on exit, as pyzmq does.
-        """
-        self._live().connect(addr)
-        self._recipe.record_connect(addr)
-        return self._connect_cm(addr)  # type: ignore[misc]  # pyzmq's, run on this proxy
+        """Connect to ``addr``; replayed in a forked child.  Returns pyzmq's disconnecting context manager."""
+        self._zf_live()
+        result = super().connect(addr)
+        if self._zf_recipe is not None:
+            self._zf_recipe.record_connect(addr)
+        return result
 
     def disconnect(self, addr: str) -> None:
         """Disconnect from ``addr``; the connect is then no longer replayed."""
-        self._live().disconnect(addr)
-        self._recipe.record_disconnect(addr)
+        self._zf_live()
+        super().disconnect(addr)
+        if self._zf_recipe is not None:
+            self._zf_recipe.record_disconnect(addr)
 
     def bind(self, addr: str) -> Any:
-        """Bind to ``addr``.  Binds belong to the parent: see ``on_fork``.
-
-        Returns a context manager that unbinds on exit, as pyzmq does.
-        """
-        sock = self._live()
-        sock.bind(addr)
-        resolved = sock.get(zmq.LAST_ENDPOINT)
-        self._recipe.record_bind(addr, resolved.decode("utf-8", "replace") if isinstance(resolved, bytes) else addr)
-        return self._bind_cm(addr)  # type: ignore[misc]  # pyzmq's, run on this proxy
+        """Bind to ``addr``; in a forked child as the ``on_fork`` policy says.  Returns pyzmq's unbinding context manager."""
+        self._zf_live()
+        result = super().bind(addr)
+        if self._zf_recipe is not None:
+            resolved = _BackendSocket.get(self, zmq.LAST_ENDPOINT)
+            text = resolved.decode("utf-8", "replace") if isinstance(resolved, bytes) else addr
+            self._zf_recipe.record_bind(addr, text)
+        return result
 
     def unbind(self, addr: str) -> None:
         """Unbind from ``addr``."""
-        self._live().unbind(addr)
-        self._recipe.record_unbind(addr)
+        self._zf_live()
+        super().unbind(addr)
+        if self._zf_recipe is not None:
+            self._zf_recipe.record_unbind(addr)
 
     def monitor(self, addr: Optional[str], events: int = zmq.EVENT_ALL) -> None:
-        """Start (or, with ``addr=None``, stop) publishing socket events on a PAIR at ``addr``."""
-        self._live().monitor(addr, events)
-        self._recipe.record_monitor(addr, events)
+        """Start (or, with ``addr=None``, stop) publishing socket events on a PAIR at ``addr``; replayed in a child."""
+        self._zf_live()
+        super().monitor(addr, events)
+        if self._zf_recipe is not None:
+            self._zf_recipe.record_monitor(addr, events)
 
     def join(self, group: Any) -> None:
         """Join a group (DRAFT RADIO/DISH); replayed in a forked child."""
-        self._live().join(group)
-        self._recipe.record_join(group.encode("utf-8") if isinstance(group, str) else group)
+        self._zf_live()
+        super().join(group)
+        if self._zf_recipe is not None:
+            self._zf_recipe.record_join(group.encode("utf-8") if isinstance(group, str) else group)
 
     def leave(self, group: Any) -> None:
         """Leave a group (DRAFT RADIO/DISH)."""
-        self._live().leave(group)
-        self._recipe.record_leave(group.encode("utf-8") if isinstance(group, str) else group)
+        self._zf_live()
+        super().leave(group)
+        if self._zf_recipe is not None:
+            self._zf_recipe.record_leave(group.encode("utf-8") if isinstance(group, str) else group)
+
+    def poll(self, timeout: Optional[int] = None, flags: int = zmq.POLLIN) -> int:
+        """Poll this socket for events; see ``zmq.Socket.poll``."""
+        self._zf_live()
+        return super().poll(timeout, flags)
+
+    @property
+    def underlying(self) -> int:
+        """The address of the libzmq socket of this process generation (rebuilt first in a child)."""
+        self._zf_live()
+        return int(_HANDLE.__get__(self))
 
     # ---- lifecycle -----------------------------------------------------------
 
     def close(self, linger: Optional[int] = None) -> None:
-        """Close the socket.
+        """Close the socket, as ``zmq.Socket.close``.
 
-        In a forked child that has not used it, closing calls nothing in
-        libzmq: the inherited socket is simply let go.
+        In a forked child that has not used it, nothing is called in libzmq:
+        the inherited socket is let go.
         """
-        if self._closed:
+        if self._zf_gen != TOKEN[0]:
+            self._zf_mark_inherited()
+            self.__dict__.update(_zf_closed=True, _zf_failure=None)
+            if self.context:
+                self.context._rm_socket(self)
             return
-        if not self._drop_inherited():
-            self._sock.close(linger)
-        self._closed = True
-        self._ctx._forget(self)
+        super().close(linger)
+        self.__dict__["_zf_closed"] = True
 
     @property
     def closed(self) -> bool:
-        """Whether the socket is closed.  An unused inherited socket is open: it rebuilds on use."""
-        if self._closed:
-            return True
-        if TOKEN[0] != self._token:
-            if self._on_fork == "close" and self._failure is None:
-                self._refresh()
-                return True
-            return False
-        closed: bool = self._sock.closed
-        return closed
-
-    def __enter__(self) -> Socket:
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        # Never let pyzmq's __del__ reach libzmq with an inherited socket.
-        sock = self.__dict__.get("_sock")
-        try:
-            if sock is not None and TOKEN[0] != self._token:
-                abandon_socket(sock)
-        except Exception:  # interpreter teardown: module globals may be gone
-            pass
-
-    def __repr__(self) -> str:
-        state = " closed" if self._closed else ""
-        try:
-            name = zmq.SocketType(self._type).name
-        except ValueError:
-            name = str(self._type)
-        return f"<zmqfork.Socket(zmq.{name}) at {hex(id(self))}{state}>"
-
-    # ---- plain attributes --------------------------------------------------
-
-    @property
-    def context(self) -> Context:
-        """The zmqfork Context this socket belongs to."""
-        return self._ctx
-
-    @property
-    def type(self) -> zmq.SocketType:
-        """The socket type."""
-        return zmq.SocketType(self._type)
-
-    socket_type = type
+        """Whether the socket is closed.  An unused inherited socket is open (it rebuilds on use), unless ``on_fork="close"``."""
+        if self._zf_gen != TOKEN[0]:
+            return self._zf_closed or self._zf_on_fork == "close"
+        return self._zf_closed or bool(super().closed)
 
     @property
     def on_fork(self) -> str:
         """What this socket does with its binds in a forked child: "reconnect", "rebind" or "close"."""
-        return self._on_fork
+        return self._zf_on_fork
 
-    @property
-    def underlying(self) -> int:
-        """The address of the libzmq socket of this process generation."""
-        return int(self._live().underlying)
-
-    @property
-    def copy_threshold(self) -> int:
-        """Messages smaller than this are always copied, as in pyzmq."""
-        return int(self._live().copy_threshold)
-
-    @copy_threshold.setter
-    def copy_threshold(self, value: int) -> None:
-        self._live().copy_threshold = value
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        """Attributes are options, as in pyzmq: ``sock.linger = 0``, ``sock.subscribe = b"topic"``."""
-        if key in self.__dict__ or key.lower() not in ("subscribe", "unsubscribe") and any(
-            key in klass.__dict__ or key in klass.__dict__.get("__annotations__", {}) for klass in type(self).__mro__
-        ):
-            object.__setattr__(self, key, value)
+    def __del__(self) -> None:
+        gen = self.__dict__.get("_zf_gen")
+        if gen is None:  # __init__ failed before anything was built
             return
-        option = option_for_attribute(type(self).__name__, key)
-        if option in (zmq.SUBSCRIBE, zmq.UNSUBSCRIBE) and isinstance(value, str):
-            value = value.encode("utf-8")
-        self.set(option, value)
+        try:
+            inherited = gen != TOKEN[0]
+        except Exception:  # interpreter teardown: module globals may be gone
+            return
+        if inherited:  # never let pyzmq's __del__ reach an inherited libzmq socket
+            self._zf_mark_inherited()
+            return
+        super().__del__()
 
-    def poll(self, timeout: Optional[int] = None, flags: int = zmq.POLLIN) -> int:
-        """Poll this socket for events; see ``zmq.Socket.poll``."""
-        return self._live().poll(timeout, flags)
 
-    def recv_into(self, buffer: Any, /, *, nbytes: int = 0, flags: int = 0) -> int:
-        """Receive into a buffer; see ``zmq.Socket.recv_into``."""
-        return int(self._live().recv_into(buffer, nbytes=nbytes, flags=flags))
-
-    # ---- pyzmq's own conveniences, run on top of this proxy ------------------
-    # These are pyzmq's functions, not copies: they call self.send/recv/set/
-    # get/bind/connect, which are the fork-safe methods above.
-    _connect_cm = _PyzmqSocket._connect_cm
-    _bind_cm = _PyzmqSocket._bind_cm
-    _deserialize = _PyzmqSocket._deserialize
-    send_multipart = _PyzmqSocket.send_multipart
-    recv_multipart = _PyzmqSocket.recv_multipart
-    send_serialized = _PyzmqSocket.send_serialized
-    recv_serialized = _PyzmqSocket.recv_serialized
-    send_string = _PyzmqSocket.send_string
-    recv_string = _PyzmqSocket.recv_string
-    send_unicode = _PyzmqSocket.send_string
-    recv_unicode = _PyzmqSocket.recv_string
-    send_pyobj = _PyzmqSocket.send_pyobj
-    recv_pyobj = _PyzmqSocket.recv_pyobj
-    send_json = _PyzmqSocket.send_json
-    recv_json = _PyzmqSocket.recv_json
-    set_string = _PyzmqSocket.set_string
-    get_string = _PyzmqSocket.get_string
-    setsockopt_string = setsockopt_unicode = _PyzmqSocket.set_string
-    getsockopt_string = getsockopt_unicode = _PyzmqSocket.get_string
-    subscribe = _PyzmqSocket.subscribe
-    unsubscribe = _PyzmqSocket.unsubscribe
-    bind_to_random_port = _PyzmqSocket.bind_to_random_port
-    get_hwm = _PyzmqSocket.get_hwm
-    set_hwm = _PyzmqSocket.set_hwm
-    hwm = _PyzmqSocket.hwm
-    fileno = _PyzmqSocket.fileno
-    get_monitor_socket = _PyzmqSocket.get_monitor_socket
-    disable_monitor = _PyzmqSocket.disable_monitor
+def _origin_of(shadow: Any) -> Optional[Socket]:
+    """The zmqfork socket that ``shadow`` (a socket or an address) stands for, or None if it is foreign."""
+    if isinstance(shadow, Socket):
+        return shadow._zf_origin or shadow
+    if isinstance(shadow, int):
+        for member in family():
+            if isinstance(member, Socket) and member._zf_origin is None and _HANDLE.__get__(member) == shadow:
+                return member
+    return None
