@@ -47,6 +47,7 @@ class Context(zmq.Context[Socket]):
 
     _repr_cls = "zmqfork.Context"
     _socket_class: Type[Socket] = Socket
+    #: ``Context.instance()`` is pyzmq's: one per class and per process (a new one in a forked child).
     _instance: ClassVar[Optional[Context]] = None  # type: ignore[misc]  # this class's own, not pyzmq's
 
     on_fork: str
@@ -87,22 +88,6 @@ class Context(zmq.Context[Socket]):
         )
         super().__init__(io_threads, shadow)  # type: ignore[arg-type]
         adopt(self)
-
-    @classmethod
-    def instance(cls: Type[_C], io_threads: int = 1) -> _C:
-        """The process-wide Context of this class, made on first call.
-
-        Unlike pyzmq's, the same object serves in forked children, where it
-        re-initialises itself.
-        """
-        inst = cls.__dict__.get("_instance")
-        if inst is None or inst.closed:
-            with generation_lock(notice()):
-                inst = cls.__dict__.get("_instance")
-                if inst is None or inst.closed:
-                    inst = cls(io_threads)
-                    cls._instance = inst
-        return inst  # type: ignore[no-any-return]
 
     # ---- the fork check and the re-initialisation --------------------------
 
