@@ -14,7 +14,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 import zmq as _zmq
-from zmq import *  # noqa: F401,F403  - pyzmq's names, re-exported unchanged
+
+if TYPE_CHECKING:  # a type checker keeps a name's first binding: zmqfork's, before the star import
+    from zmqfork.context import Context as Context
+    from zmqfork.socket import Socket as Socket
+from zmq import *  # type: ignore[assignment]  # noqa: F401,F403  - pyzmq's other names, re-exported unchanged
 
 from zmqfork import _descriptors  # noqa: F401  - hooks libzmq's descriptor calls, before any Context
 from zmqfork import _pyzmq_gc  # noqa: F401  - pyzmq's zero-copy collector mutex is reset in children
@@ -26,9 +30,9 @@ from zmqfork._generation import check_fork
 from zmqfork._policy import POLICIES
 from zmqfork._report import Detection, detection, generation
 from zmqfork._version import __version__
-from zmqfork.context import Context  # type: ignore[assignment]  # replaces pyzmq's
+from zmqfork.context import Context as Context  # replaces pyzmq's at run time
 from zmqfork.errors import InheritedBindError, RebuildError
-from zmqfork.socket import Socket  # type: ignore[assignment]  # replaces pyzmq's
+from zmqfork.socket import Socket as Socket
 
 __all__ = [
     *(name for name in _zmq.__all__ if name not in {"Context", "Socket"}),

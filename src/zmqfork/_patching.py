@@ -21,7 +21,6 @@ from zmq.backend import Socket as _BackendSocket
 
 from zmqfork.context import Context, fork_safe_socket_class
 from zmqfork.context import _origin_of as _context_origin
-from zmqfork.socket import Socket
 from zmqfork.socket import _origin_of as _socket_origin
 
 __all__ = ["patch", "unpatch"]

@@ -11,7 +11,7 @@ whatever loop is running then, typically a fresh ``asyncio.run``.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, ClassVar, Optional, Type, Union
+from typing import Any, Optional, Type, Union
 
 import zmq
 import zmq.asyncio
@@ -25,7 +25,7 @@ from zmqfork.socket import Socket as _Socket
 __all__ = ["Context", "Socket", "Poller"]
 
 
-class Socket(zmq.asyncio.Socket, _Socket):  # type: ignore[misc]
+class Socket(zmq.asyncio.Socket, _Socket[Any]):  # type: ignore[misc]
     """A ``zmq.asyncio.Socket`` that stays usable across fork (everything ``zmqfork.Socket`` says holds)."""
 
     _repr_cls = "zmqfork.asyncio.Socket"
@@ -42,7 +42,7 @@ class Socket(zmq.asyncio.Socket, _Socket):  # type: ignore[misc]
 
     def _zf_live_in_loop(self) -> None:
         self._zf_live()
-        context = self.context
+        context: Any = self.context
         if getattr(context, "_zf_authenticators_waiting", None):  # an AsyncioAuthenticator waits for a loop
             restart_waiting_authenticators(context)
 
@@ -55,7 +55,7 @@ class Socket(zmq.asyncio.Socket, _Socket):  # type: ignore[misc]
     def _zf_after_rebuild(self) -> None:
         # What zmq.asyncio.Socket.__init__ sets up, for the new libzmq socket:
         # I/O goes through _shadow_sock, which a zmqfork socket keeps current itself.
-        shadow = self._shadow_sock
+        shadow: Any = self.__dict__["_shadow_sock"]
         if not isinstance(shadow, _Socket):
             shadow = zmq.Socket.shadow(_HANDLE.__get__(self))
         self.__dict__.update(
@@ -79,12 +79,12 @@ class Socket(zmq.asyncio.Socket, _Socket):  # type: ignore[misc]
             super().close(linger)
 
 
-class Context(zmq.asyncio.Context, _Context):  # type: ignore[misc]
+class Context(zmq.asyncio.Context, _Context):
     """A ``zmq.asyncio.Context`` whose sockets are ``zmqfork.asyncio.Socket``; see ``zmqfork.Context``."""
 
     _repr_cls = "zmqfork.asyncio.Context"
     _socket_class = Socket
-    _instance: ClassVar[Optional[_Context]] = None  # type: ignore[misc]
+    _instance = None  # this class's own, not zmqfork.Context's
 
     def __init__(
         self,
@@ -99,4 +99,4 @@ class Context(zmq.asyncio.Context, _Context):  # type: ignore[misc]
 class Poller(zmq.asyncio.Poller):
     """``zmq.asyncio.Poller``; sockets that are not awaitable are wrapped in ``zmqfork.asyncio.Socket``."""
 
-    _socket_class: Type[Socket] = Socket  # type: ignore[assignment]
+    _socket_class: Type[Socket] = Socket

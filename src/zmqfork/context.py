@@ -10,7 +10,7 @@ subclass of it is made), and rebuild themselves in this context.
 from __future__ import annotations
 
 import sys
-from typing import Any, ClassVar, Dict, List, Optional, Type, TypeVar, Union
+from typing import Any, Dict, List, Optional, Type, Union
 
 import zmq
 from zmq.backend import Context as _BackendContext
@@ -22,13 +22,12 @@ from zmqfork.socket import Socket
 
 __all__ = ["Context", "fork_safe_socket_class"]
 
-_C = TypeVar("_C", bound="Context")
 # pyzmq's flag and handle, read and written without calling libzmq.
 _CLOSED_FLAG: Any = _BackendContext.__dict__["closed"]
 _HANDLE: Any = _BackendContext.__dict__["underlying"]
 
 
-class Context(zmq.Context[Socket]):
+class Context(zmq.Context[Socket[bytes]]):
     """A ``zmq.Context`` whose sockets stay usable across fork.
 
     ``Context(io_threads=1, *, on_fork="reconnect")``; ``shadow=`` as in
@@ -46,9 +45,9 @@ class Context(zmq.Context[Socket]):
     """
 
     _repr_cls = "zmqfork.Context"
-    _socket_class: Type[Socket] = Socket
+    _socket_class: Type[Socket[Any]] = Socket
     #: ``Context.instance()`` is pyzmq's: one per class and per process (a new one in a forked child).
-    _instance: ClassVar[Optional[Context]] = None  # type: ignore[misc]  # this class's own, not pyzmq's
+    _instance = None  # this class's own, not pyzmq's
 
     on_fork: str
     _zf_gen: int
@@ -86,7 +85,7 @@ class Context(zmq.Context[Socket]):
             _zf_authenticators=[],
             _zf_authenticators_waiting=[],
         )
-        super().__init__(io_threads, shadow)  # type: ignore[arg-type]
+        super().__init__(io_threads, shadow)  # type: ignore[call-overload]
         adopt(self)
 
     # ---- the fork check and the re-initialisation --------------------------
@@ -125,7 +124,7 @@ class Context(zmq.Context[Socket]):
 
     # ---- sockets -------------------------------------------------------------
 
-    def socket(  # type: ignore[override]
+    def socket(
         self,
         socket_type: int,
         socket_class: Optional[Any] = None,
@@ -169,7 +168,7 @@ class Context(zmq.Context[Socket]):
 
     # ---- lifecycle -----------------------------------------------------------------
 
-    @property  # type: ignore[override]
+    @property
     def closed(self) -> bool:
         """Whether the context was terminated.  An inherited context is open: it re-initialises on use."""
         if self._zf_gen != TOKEN[0]:
@@ -230,7 +229,7 @@ def _origin_of(shadow: Any) -> Optional[Context]:
 _fork_safe_classes: Dict[Any, Any] = {}
 
 
-def fork_safe_socket_class(cls: Type[zmq.Socket[Any]]) -> Type[Socket]:
+def fork_safe_socket_class(cls: Type[zmq.Socket[Any]]) -> Type[Socket[Any]]:
     """The zmqfork socket class to make where the ``zmq.Socket`` subclass ``cls`` was asked for.
 
     pyzmq's own classes map to zmqfork's; another ``zmq.Socket`` subclass
@@ -242,10 +241,11 @@ def fork_safe_socket_class(cls: Type[zmq.Socket[Any]]) -> Type[Socket]:
     safe = _fork_safe_classes.get(cls)
     if safe is None:
         aio = sys.modules.get("zmq.asyncio")  # not imported: cls cannot be one of its classes
+        base: Type[Socket[Any]] = Socket
         if aio is not None and issubclass(cls, aio.Socket):
-            from zmqfork.asyncio import Socket as base
-        else:
-            base = Socket
+            from zmqfork.asyncio import Socket as AsyncSocket
+
+            base = AsyncSocket
         pyzmq_own = cls is zmq.Socket or (aio is not None and cls is aio.Socket)
         safe = base if pyzmq_own else type(cls.__name__, (cls, base), {"__module__": cls.__module__, "__doc__": cls.__doc__})
         _fork_safe_classes[cls] = safe

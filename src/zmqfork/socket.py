@@ -15,7 +15,7 @@ A Socket made with ``shadow=`` of another zmqfork socket (``Socket.shadow``,
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, TypeVar, Union
 
 import zmq
 from zmq.backend import Socket as _BackendSocket
@@ -41,7 +41,11 @@ _CLOSED_FLAG: Any = _BackendSocket.__dict__["_closed"]
 _HANDLE: Any = _BackendSocket.__dict__["underlying"]
 
 
-class Socket(zmq.Socket[Any]):
+#: What recv returns, as in pyzmq's ``zmq.Socket[bytes]`` (its asyncio sockets return futures).
+_RecvT_co = TypeVar("_RecvT_co", covariant=True)
+
+
+class Socket(zmq.Socket[_RecvT_co]):
     """A ``zmq.Socket`` that stays usable across fork.
 
     Made by ``zmqfork.Context().socket(socket_type, on_fork=None)`` (or
@@ -62,7 +66,7 @@ class Socket(zmq.Socket[Any]):
     #: What rebuilds it; a shadow shares its origin's; None for a shadow of a foreign socket.
     _zf_recipe: Optional[SocketRecipe]
     #: For a shadow of a zmqfork socket: that socket, which it follows across fork.
-    _zf_origin: Optional[Socket]
+    _zf_origin: Optional[Socket[Any]]
     _zf_closed: bool
     _zf_failure: Optional[zmq.ZMQError]
 
@@ -79,7 +83,7 @@ class Socket(zmq.Socket[Any]):
 
         if isinstance(ctx_or_socket, zmq.Socket):  # positional Socket(other_socket), as pyzmq
             ctx_or_socket, shadow = None, ctx_or_socket
-        origin: Optional[Socket] = None
+        origin: Optional[Socket[Any]] = None
         if shadow:
             if on_fork is not None:
                 raise TypeError("on_fork is for sockets zmqfork owns; a shadow follows the socket it shadows")
@@ -106,7 +110,7 @@ class Socket(zmq.Socket[Any]):
             _zf_closed=False,
             _zf_failure=None,
         )
-        super().__init__(ctx_or_socket, socket_type, shadow=shadow, copy_threshold=copy_threshold)
+        super().__init__(ctx_or_socket, socket_type, shadow=shadow, copy_threshold=copy_threshold)  # type: ignore[call-overload,misc]
         self.__dict__["_zf_type"] = int(self.type)
         if origin is not None and self.context is None:
             self.context = origin.context
@@ -166,7 +170,7 @@ class Socket(zmq.Socket[Any]):
         bound = recipe.bound_endpoints()
         if bound and not rebind:
             self._zf_fail(InheritedBindError(bound))
-        context = self.context
+        context: Context = self.context  # type: ignore[assignment]  # a zmqfork socket's context is zmqfork's
         context._zf_live()
         _BackendSocket.__init__(self, context, self._zf_type, copy_threshold=self.copy_threshold)
         try:
@@ -192,7 +196,7 @@ class Socket(zmq.Socket[Any]):
     # stale raises ENOTSOCK from the backend before any libzmq call, and is
     # rebuilt and the call made again.
 
-    def send(
+    def send(  # type: ignore[override]  # pyzmq's overloads; the same parameters
         self,
         data: Any,
         flags: int = 0,
@@ -206,12 +210,12 @@ class Socket(zmq.Socket[Any]):
             notice()
         if routing_id is None and group is None:
             try:
-                return _backend_send(self, data, flags, copy, track)  # type: ignore[no-any-return]
+                return _backend_send(self, data, flags, copy, track)
             except zmq.ZMQError:
                 if self._zf_gen == TOKEN[0]:
                     raise
             self._zf_revive()
-            return _backend_send(self, data, flags, copy, track)  # type: ignore[no-any-return]
+            return _backend_send(self, data, flags, copy, track)
         self._zf_live()
         return super().send(data, flags, copy, track, routing_id, group)  # type: ignore[no-any-return]
 
@@ -255,15 +259,15 @@ class Socket(zmq.Socket[Any]):
         self._zf_live()
         result = super().connect(addr)
         if self._zf_recipe is not None:
-            self._zf_recipe.record_connect(addr)
+            self._zf_recipe.record_connect(_text(addr))
         return result
 
-    def disconnect(self, addr: str) -> None:
+    def disconnect(self, addr: Union[str, bytes]) -> None:
         """Disconnect from ``addr``; the connect is then no longer replayed."""
         self._zf_live()
         super().disconnect(addr)
         if self._zf_recipe is not None:
-            self._zf_recipe.record_disconnect(addr)
+            self._zf_recipe.record_disconnect(_text(addr))
 
     def bind(self, addr: str) -> Any:
         """Bind to ``addr``; in a forked child as the ``on_fork`` policy says.  Returns pyzmq's unbinding context manager."""
@@ -271,23 +275,22 @@ class Socket(zmq.Socket[Any]):
         result = super().bind(addr)
         if self._zf_recipe is not None:
             resolved = _BackendSocket.get(self, zmq.LAST_ENDPOINT)
-            text = resolved.decode("utf-8", "replace") if isinstance(resolved, bytes) else addr
-            self._zf_recipe.record_bind(addr, text)
+            self._zf_recipe.record_bind(_text(addr), _text(resolved) if isinstance(resolved, bytes) else _text(addr))
         return result
 
-    def unbind(self, addr: str) -> None:
+    def unbind(self, addr: Union[str, bytes]) -> None:
         """Unbind from ``addr``."""
         self._zf_live()
         super().unbind(addr)
         if self._zf_recipe is not None:
-            self._zf_recipe.record_unbind(addr)
+            self._zf_recipe.record_unbind(_text(addr))
 
-    def monitor(self, addr: Optional[str], events: int = zmq.EVENT_ALL) -> None:
+    def monitor(self, addr: Union[str, bytes, None], events: int = zmq.EVENT_ALL) -> None:
         """Start (or, with ``addr=None``, stop) publishing socket events on a PAIR at ``addr``; replayed in a child."""
         self._zf_live()
         super().monitor(addr, events)
         if self._zf_recipe is not None:
-            self._zf_recipe.record_monitor(addr, events)
+            self._zf_recipe.record_monitor(None if addr is None else _text(addr), events)
 
     def join(self, group: Any) -> None:
         """Join a group (DRAFT RADIO/DISH); replayed in a forked child."""
@@ -357,7 +360,12 @@ class Socket(zmq.Socket[Any]):
         super().__del__()
 
 
-def _origin_of(shadow: Any) -> Optional[Socket]:
+def _text(endpoint: Union[str, bytes]) -> str:
+    """An endpoint as the recipe keeps it: pyzmq takes bytes too."""
+    return endpoint.decode("utf-8", "replace") if isinstance(endpoint, bytes) else endpoint
+
+
+def _origin_of(shadow: Any) -> Optional[Socket[Any]]:
     """The zmqfork socket that ``shadow`` (a socket or an address) stands for, or None if it is foreign."""
     if isinstance(shadow, Socket):
         return shadow._zf_origin or shadow
