@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib
 import os
 import sys
@@ -157,7 +158,7 @@ def test_options_and_close_in_the_parent(patched: None, pull: zmqfork.Socket) ->
 
 
 def test_unpatch_restores_pyzmq_and_objects_made_before_stay_plain() -> None:
-    """Before patch and after unpatch, zmq.Context() is pyzmq's own; shadows are never redirected."""
+    """Before patch and after unpatch, zmq.Context() is pyzmq's own; a shadow of a foreign context stays pyzmq's."""
     before = pyzmq.Context()
     zmqfork.patch()
     zmqfork.patch()  # idempotent
@@ -170,7 +171,43 @@ def test_unpatch_restores_pyzmq_and_objects_made_before_stay_plain() -> None:
     try:
         assert type(before) is pyzmq.Context and type(after) is pyzmq.Context
         assert "__new__" not in pyzmq.Context.__dict__ and "__new__" not in pyzmq.Socket.__dict__
-        assert not hasattr(pyzmq.Poller.poll, "__wrapped__")
     finally:
         after.term()
         before.term()
+
+
+@pytest.mark.parametrize("kind", FORK_KINDS)
+def test_shadows_subclasses_and_from_socket_are_redirected(patched: None, pull: zmqfork.Socket, kind: str) -> None:
+    """Under the patch, shadows and copies of fork-safe sockets, custom socket classes and from_socket all rebuild in a child."""
+
+    class Tagged(pyzmq.Socket):  # type: ignore[type-arg]
+        """A library's own socket class."""
+
+    ctx = pyzmq.Context()
+    try:
+        push = ctx.socket(pyzmq.PUSH)
+        push.connect(pull.get(pyzmq.LAST_ENDPOINT).decode())
+        tagged = ctx.socket(pyzmq.PUSH, socket_class=Tagged)
+        tagged.connect(pull.get(pyzmq.LAST_ENDPOINT).decode())
+        shadow = pyzmq.Socket.shadow(push.underlying)
+        copied = copy.copy(push)
+        wrapped = zmq.asyncio.Socket.from_socket(push)
+        made = [shadow, copied, tagged, wrapped, pyzmq.Context.shadow(ctx.underlying)]
+        assert all(isinstance(obj, (zmqfork.Socket, zmqfork.Context)) for obj in made)
+        assert isinstance(tagged, Tagged) and isinstance(wrapped, zmq.asyncio.Socket)
+
+        def child() -> None:
+            shadow.send(b"shadow")
+            copied.send(b"copy")
+            tagged.send(b"tagged")
+
+            async def send() -> None:
+                await wrapped.send(b"from_socket")
+
+            asyncio.run(send())
+            ctx.destroy(linger=TIMEOUT_MS)
+
+        run_in_child(child, kind=kind)
+        assert sorted(pull.recv() for _ in range(4)) == [b"copy", b"from_socket", b"shadow", b"tagged"]
+    finally:
+        ctx.destroy(linger=0)
