@@ -8,6 +8,14 @@
   the hot path carries no check at all (the pymongo / grpc-python pattern).
 - ``zmqfork``: ``zmqfork.Context``.
 
+For the per-call measurement only:
+
+- ``patched``: zmqfork's objects as code that does ``import zmq`` gets them
+  under ``zmqfork.patch()`` (made while patched, timed unpatched);
+- ``checkfree``: a ``zmq.Socket`` subclass built the way zmqfork's is (``send``
+  and ``recv`` call the compiled backend directly) without any fork check:
+  the limit of what zmqfork's check can cost.
+
 The two proxies use zmqfork's tricks, so that only the fork check differs:
 ``send`` and ``recv`` call the compiled backend's functions directly
 (skipping pyzmq's Python ``Socket.send`` and the method lookup on
@@ -291,4 +299,40 @@ def get(name: str) -> SimpleNamespace:
         import zmqfork  # only when asked: "without zmqfork" processes never load it
 
         return SimpleNamespace(name=name, Context=zmqfork.Context)
+    if name == "patched":
+        return SimpleNamespace(name=name, Context=_patched_context)
+    if name == "checkfree":
+        return SimpleNamespace(name=name, Context=CheckFreeContext)
     raise ValueError(f"unknown alternative {name!r}")
+
+
+def _patched_context(io_threads: int = 1) -> zmq.Context:
+    """``zmq.Context()`` as code that imports pyzmq gets it under ``zmqfork.patch()``."""
+    import zmqfork
+
+    zmqfork.patch()
+    try:
+        ctx = zmq.Context(io_threads)
+    finally:
+        zmqfork.unpatch()
+    assert isinstance(ctx, zmqfork.Context), type(ctx)
+    return ctx
+
+
+class CheckFreeSocket(zmq.Socket):
+    """zmqfork's hot path without the fork check: the compiled backend's send and recv, called directly."""
+
+    def send(self, data: Any, flags: int = 0, copy: bool = True, track: bool = False,
+             routing_id: Optional[int] = None, group: Optional[str] = None) -> Any:
+        if routing_id is None and group is None:
+            return _backend_send(self, data, flags, copy, track)
+        return super().send(data, flags, copy, track, routing_id, group)
+
+    def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
+        return _backend_recv(self, flags, copy, track)
+
+
+class CheckFreeContext(zmq.Context):
+    """A ``zmq.Context`` whose sockets are ``CheckFreeSocket``."""
+
+    _socket_class = CheckFreeSocket

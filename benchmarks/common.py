@@ -23,11 +23,15 @@ REPO = os.path.dirname(HERE)
 
 #: Order in which alternatives appear everywhere (tables, JSON, interleaving).
 ALTERNATIVES = ("raw", "pidcheck", "atfork", "zmqfork")
+#: The per-call measurement adds zmqfork reached through patch() and zmqfork's hot path without its check.
+PERCALL_ALTERNATIVES = ALTERNATIVES + ("patched", "checkfree")
 ALT_LABEL = {
     "raw": "raw pyzmq",
     "pidcheck": "pid-check proxy",
     "atfork": "register_at_fork proxy",
     "zmqfork": "zmqfork",
+    "patched": "zmqfork via patch()",
+    "checkfree": "check-free subclass",
 }
 
 FORK_KINDS = ("os", "libc", "raw")

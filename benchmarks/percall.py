@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List
 import zmq
 
 import alternatives
-from common import ALTERNATIVES, free_tcp_endpoint, summary
+from common import PERCALL_ALTERNATIVES, free_tcp_endpoint, summary
 
 # (case id, pattern, transport, payload size)
 CASES = [
@@ -82,7 +82,7 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
     pairs: Dict[tuple, Any] = {}
     broken: Dict[tuple, str] = {}
     for case, pattern, transport, _size in CASES:
-        for alt in ALTERNATIVES:
+        for alt in PERCALL_ALTERNATIVES:
             try:
                 pairs[case, alt] = _make_pair(alt, pattern, transport, f"{case}-{alt}")
             except Exception as exc:
@@ -91,7 +91,8 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
     gc_was = gc.isenabled()
     try:
         for rep in range(warmup + reps):
-            order = ALTERNATIVES[rep % 4:] + ALTERNATIVES[: rep % 4]
+            shift = rep % len(PERCALL_ALTERNATIVES)
+            order = PERCALL_ALTERNATIVES[shift:] + PERCALL_ALTERNATIVES[:shift]
             for case, pattern, transport, size in CASES:
                 msg = b"x" * size
                 for alt in order:
@@ -122,7 +123,7 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
     for case, pattern, transport, size in CASES:
         row: Dict[str, Any] = {"pattern": pattern, "transport": transport, "size": size, "alternatives": {}}
         raw = summary(samples.get((case, "raw"), []))
-        for alt in ALTERNATIVES:
+        for alt in PERCALL_ALTERNATIVES:
             if (case, alt) in broken:
                 row["alternatives"][alt] = {"broken": broken[case, alt]}
                 continue

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import ALT_LABEL, ALTERNATIVES, environment, fmt_cell, fmt_ns  # noqa: E402
+from common import ALT_LABEL, ALTERNATIVES, PERCALL_ALTERNATIVES, environment, fmt_cell, fmt_ns  # noqa: E402
 
 SECTIONS = ("percall", "forkcost", "rebuild", "chain", "detect", "fdtrack")
 
@@ -71,6 +71,14 @@ def targets(res: Dict[str, Any], quick: bool) -> List[Dict[str, Any]]:
         sp = p["median"] / z["median"] if z.get("median") and p.get("median") else None
         add("per-call 1 B inproc, pid-check / zmqfork (speed-up)", sp, ">= 1.30", None if sp is None else sp >= 1.30,
             f"{_ratio(sp)} ({fmt_ns(p.get('median'))} vs {fmt_ns(z.get('median'))})")
+        pa = pc["alternatives"].get("patched", {})
+        r = pa.get("ratio_to_raw")
+        add("per-call 1 B inproc, zmqfork via patch() (import zmq) / raw", r, "<= 1.00", None if r is None else r <= 1.00,
+            f"{_ratio(r)} ({fmt_ns(pa.get('median'))} vs {fmt_ns(pc['alternatives']['raw'].get('median'))})")
+        cf = pc["alternatives"].get("checkfree", {})
+        r = z["median"] / cf["median"] if z.get("median") and cf.get("median") else None
+        add("per-call 1 B inproc, zmqfork / check-free subclass (the check's cost)", r, "<= 1.10",
+            None if r is None else r <= 1.10, f"{_ratio(r)} ({fmt_ns(z.get('median'))} vs {fmt_ns(cf.get('median'))})")
     fc = res.get("forkcost", {}).get("cases", {}).get("100")
     if fc:
         for key, label in (("parent", "parent fork() latency"), ("child", "child start")):
@@ -185,7 +193,7 @@ def render(result: Dict[str, Any]) -> str:
         rows = []
         for case, row in pc["cases"].items():
             cells = []
-            for alt in ALTERNATIVES:
+            for alt in PERCALL_ALTERNATIVES:
                 c = row["alternatives"].get(alt, {})
                 if "broken" in c:
                     cells.append(f"broken ({c['broken'][:40]})")
@@ -197,7 +205,7 @@ def render(result: Dict[str, Any]) -> str:
         parts += ["## 1. Per call (ns per operation; ratio to raw pyzmq)", "",
                   f"{pc['repetitions']} repetitions after {pc['warmup']} warm-up; iterations per repetition "
                   f"{pc['iterations']}. An operation is one send+recv pair (PUSH/PULL) or one REQ/REP round trip.", "",
-                  _table(["case"] + labels + ["pid-check / zmqfork"], rows), ""]
+                  _table(["case"] + [ALT_LABEL[a] for a in PERCALL_ALTERNATIVES] + ["pid-check / zmqfork"], rows), ""]
     if "forkcost" in res and "cases" in res["forkcost"]:
         fc = res["forkcost"]
         rows = []

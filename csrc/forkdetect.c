@@ -34,6 +34,9 @@ static unsigned int mechanisms;
 static int wipeonfork_errno = ENOSYS;
 static int atfork_errno = ECANCELED;
 
+/* A byte of the caller's (zmqfork_clear_in_children): cleared in every child. */
+static volatile uint8_t *noticed_flag;
+
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 static unsigned int init_flags;
 static int init_result;
@@ -63,11 +66,20 @@ static void on_parent(void)
     errno = saved;
 }
 
+/* Clears the caller's flag, if one was given: a plain store. */
+static void clear_noticed_flag(void)
+{
+    volatile uint8_t *flag = __atomic_load_n(&noticed_flag, __ATOMIC_SEQ_CST);
+    if (flag != NULL)
+        __atomic_store_n(flag, 0, __ATOMIC_SEQ_CST);
+}
+
 static void on_child(void)
 {
     int saved = errno;
     /* Advance the generation first, then publish it as the token. */
     __atomic_store_n(token, next_generation(), __ATOMIC_SEQ_CST);
+    clear_noticed_flag();
     zmqfork__mutexguard_child();
     zmqfork__fdtrack_child();
     errno = saved;
@@ -155,6 +167,7 @@ uint64_t zmqfork_refresh(void)
     uint64_t fresh = next_generation();
     if (__atomic_compare_exchange_n(token, &expected, fresh, 0,
                                     __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+        clear_noticed_flag();
         zmqfork__mutexguard_child();
         zmqfork__fdtrack_child();
         current = fresh;
@@ -163,6 +176,11 @@ uint64_t zmqfork_refresh(void)
     }
     errno = saved;
     return current;
+}
+
+void zmqfork_clear_in_children(volatile uint8_t *flag)
+{
+    __atomic_store_n(&noticed_flag, flag, __ATOMIC_SEQ_CST);
 }
 
 unsigned int zmqfork_mechanisms(void)

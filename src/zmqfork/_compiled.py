@@ -20,7 +20,7 @@ import functools
 import sys
 from typing import Any, Callable, Iterable
 
-from zmqfork._generation import NOTICED, TOKEN, notice
+from zmqfork._generation import NOTICED, NOTICED_FLAG, TOKEN, notice
 from zmqfork.socket import Socket
 
 __all__ = ["install"]
@@ -31,7 +31,7 @@ _IMPORTED_IN = NOTICED[0]
 
 def _revive(objects: Iterable[Any]) -> None:
     """Rebuild every stale zmqfork socket among ``objects`` (noticing a fork first if needed)."""
-    if TOKEN[0] != NOTICED[0]:
+    if not NOTICED_FLAG[0]:
         notice()
     if TOKEN[0] == _IMPORTED_IN:
         return

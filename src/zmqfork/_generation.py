@@ -1,11 +1,12 @@
 """The process generation as Python sees it: the one fork check, noticing a fork, per-generation locks.
 
 Every zmqfork object records in ``_zf_gen`` the token of the generation
-whose libzmq object it holds.  The one fork check is ``TOKEN[0] !=
-NOTICED[0]``: true in a forked child until some zmqfork call notices the
-fork.  It reads no attribute of any object (attribute loads on pyzmq's
-classes are slow), so it is written inline in the hot path; everything else
-calls ``notice()``.
+whose libzmq object it holds.  The one fork check is ``not NOTICED_FLAG[0]``:
+a byte that every fork clears (zmqfork._native) and ``notice()`` sets again,
+so it reads 0 in a forked child until some zmqfork call notices the fork.
+It reads no attribute of any object (attribute loads on pyzmq's classes are
+slow) and costs one index of an mmap, so it is written inline in the hot
+path; everything else calls ``notice()``.
 
 Noticing a fork (``notice()``, once per child) re-arms the token, marks every
 live zmqfork object's inherited libzmq object closed through pyzmq's own flag
@@ -21,9 +22,9 @@ from typing import Any, Dict, List, Protocol, Tuple
 from weakref import WeakSet
 
 from zmqfork._afterfork import run_after_fork_callbacks
-from zmqfork._native import TOKEN, refresh
+from zmqfork._native import NOTICED_FLAG, TOKEN, refresh
 
-__all__ = ["TOKEN", "NOTICED", "notice", "check_fork", "generation_lock", "adopt", "family", "Inherited"]
+__all__ = ["TOKEN", "NOTICED_FLAG", "NOTICED", "notice", "check_fork", "generation_lock", "adopt", "family", "Inherited"]
 
 
 class Inherited(Protocol):
@@ -33,7 +34,7 @@ class Inherited(Protocol):
         """Mark the inherited libzmq object closed without calling libzmq or any user code."""
 
 
-#: The token whose fork was noticed: ``TOKEN[0] != NOTICED[0]`` is the one check.
+#: The token whose fork was noticed last (this process's, once NOTICED_FLAG[0] is set).
 NOTICED: List[int] = [TOKEN[0] or refresh()]
 
 # Every live zmqfork context and socket, to mark when a fork is noticed.
@@ -79,6 +80,7 @@ def _notice() -> Tuple[int, bool]:
     global _noticing
     token = TOKEN[0] or refresh()
     if token == NOTICED[0]:
+        NOTICED_FLAG[0] = 1  # a fork's cleared flag whose token is already noticed
         return token, False
     with generation_lock(token):
         if token in (NOTICED[0], _noticing):
@@ -90,6 +92,7 @@ def _notice() -> Tuple[int, bool]:
             run_after_fork_callbacks(token)
         finally:
             NOTICED[0] = token
+            NOTICED_FLAG[0] = 1
     return token, True
 
 

@@ -7,6 +7,7 @@ It initialises fork detection at import and turns the C contract of
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from typing import Callable, Optional
 
@@ -14,6 +15,7 @@ from zmqfork._native_c import ffi, lib
 
 __all__ = [
     "TOKEN",
+    "NOTICED_FLAG",
     "DISABLE_ENV",
     "disabled_features",
     "refresh",
@@ -71,9 +73,33 @@ if _rc != 0:
     raise OSError(_rc, f"zmqfork could not set up fork detection: {os.strerror(_rc)}")
 
 #: The live token as a one-element memoryview of unsigned 64-bit ints.
-#: ``TOKEN[0]`` is the whole fast-path check: it changes in every child, and
-#: reads 0 after a fork that skipped the atfork handlers until refresh() runs.
+#: ``TOKEN[0]`` changes in every child, and reads 0 after a fork that skipped
+#: the atfork handlers until refresh() runs.
 TOKEN: memoryview = memoryview(ffi.buffer(lib.zmqfork_token(), 8)).cast("B").cast("Q")
+
+_MADV_WIPEONFORK = 18  # Linux's value; Python names it only where its build headers had it
+
+
+def _noticed_flag() -> "mmap.mmap":
+    """A byte that reads 0 in every forked child until set again: a page of our own.
+
+    The C child handler (and refresh()) clear it; where wipe-on-fork is in
+    force the kernel also zeroes the page in every child, so forks that skip
+    the handlers clear it too.  Indexing an mmap is the cheapest read of
+    foreign memory Python has (a memoryview with a format costs more).
+    """
+    flag = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if lib.zmqfork_mechanisms() & lib.ZMQFORK_MECH_WIPEONFORK:
+        flag.madvise(_MADV_WIPEONFORK)  # the C side checked that this kernel honours it
+    flag[0] = 1
+    return flag
+
+
+#: ``NOTICED_FLAG[0]`` is 0 in a forked child until zmqfork notices the fork:
+#: ``if not NOTICED_FLAG[0]`` is the whole fast-path check.
+NOTICED_FLAG = _noticed_flag()
+_flag_pointer = ffi.from_buffer(NOTICED_FLAG)  # held: the page stays exported, never unmapped
+lib.zmqfork_clear_in_children(ffi.cast("uint8_t *", _flag_pointer))
 
 
 def refresh() -> int:

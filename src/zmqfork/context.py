@@ -16,7 +16,7 @@ import zmq
 from zmq.backend import Context as _BackendContext
 
 from zmqfork import _log
-from zmqfork._generation import NOTICED, TOKEN, adopt, family, generation_lock, notice
+from zmqfork._generation import NOTICED_FLAG, TOKEN, adopt, family, generation_lock, notice
 from zmqfork._policy import check_policy
 from zmqfork.socket import Socket
 
@@ -92,7 +92,7 @@ class Context(zmq.Context[Socket[bytes]]):
 
     def _zf_live(self) -> None:
         """Re-initialise this context in place if it is stale (inherited from the parent)."""
-        if TOKEN[0] != NOTICED[0]:
+        if not NOTICED_FLAG[0]:
             notice()
         if self._zf_gen != TOKEN[0]:
             token = notice()

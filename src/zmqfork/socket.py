@@ -21,7 +21,7 @@ import zmq
 from zmq.backend import Socket as _BackendSocket
 
 from zmqfork import _log
-from zmqfork._generation import NOTICED, TOKEN, adopt, family, generation_lock, notice
+from zmqfork._generation import NOTICED_FLAG, TOKEN, adopt, family, generation_lock, notice
 from zmqfork._policy import check_policy
 from zmqfork._recipe import SocketRecipe
 from zmqfork.errors import InheritedBindError, RebuildError
@@ -120,7 +120,7 @@ class Socket(zmq.Socket[_RecvT_co]):
 
     def _zf_live(self) -> None:
         """Rebuild this socket in place if it is stale (inherited from the parent): every slow path's check."""
-        if TOKEN[0] != NOTICED[0]:
+        if not NOTICED_FLAG[0]:
             notice()
         if self._zf_gen != TOKEN[0]:
             self._zf_revive()
@@ -206,7 +206,7 @@ class Socket(zmq.Socket[_RecvT_co]):
         group: Optional[str] = None,
     ) -> Optional[zmq.MessageTracker]:
         """Send one message frame; see ``zmq.Socket.send``."""
-        if TOKEN[0] != NOTICED[0]:
+        if not NOTICED_FLAG[0]:
             notice()
         if routing_id is None and group is None:
             try:
@@ -221,7 +221,7 @@ class Socket(zmq.Socket[_RecvT_co]):
 
     def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
         """Receive one message frame; see ``zmq.Socket.recv``."""
-        if TOKEN[0] != NOTICED[0]:
+        if not NOTICED_FLAG[0]:
             notice()
         try:
             return _backend_recv(self, flags, copy, track)
