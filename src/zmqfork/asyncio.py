@@ -55,7 +55,7 @@ class Socket(zmq.asyncio.Socket, _Socket[Any]):  # type: ignore[misc]
     def _zf_after_rebuild(self) -> None:
         # What zmq.asyncio.Socket.__init__ sets up, for the new libzmq socket:
         # I/O goes through _shadow_sock, which a zmqfork socket keeps current itself.
-        shadow: Any = self.__dict__["_shadow_sock"]
+        shadow: Any = self.__dict__.get("_shadow_sock")  # none yet in an unpickled socket
         if not isinstance(shadow, _Socket):
             shadow = zmq.Socket.shadow(_HANDLE.__get__(self))
         self.__dict__.update(

@@ -17,6 +17,7 @@ from zmq.backend import Context as _BackendContext
 
 from zmqfork import _log
 from zmqfork._generation import NOTICED_FLAG, TOKEN, adopt, family, generation_lock, notice
+from zmqfork._pickling import reduce_context
 from zmqfork._policy import check_policy
 from zmqfork.socket import Socket
 
@@ -200,6 +201,10 @@ class Context(zmq.Context[Socket[bytes]]):
             if getattr(sock, "_zf_gen", token) != token:
                 sock.close()
         super().destroy(linger)
+
+    def __reduce__(self) -> Any:
+        """Pickled by recipe: unpickled in any process, it makes a new libzmq context at first use (see zmqfork._pickling)."""
+        return reduce_context(self)
 
     def __del__(self) -> None:
         gen = self.__dict__.get("_zf_gen")

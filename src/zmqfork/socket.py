@@ -22,6 +22,7 @@ from zmq.backend import Socket as _BackendSocket
 
 from zmqfork import _log
 from zmqfork._generation import NOTICED_FLAG, TOKEN, adopt, family, generation_lock, notice
+from zmqfork._pickling import reduce_socket
 from zmqfork._policy import check_policy
 from zmqfork._recipe import SocketRecipe
 from zmqfork.errors import InheritedBindError, RebuildError
@@ -345,6 +346,16 @@ class Socket(zmq.Socket[_RecvT_co]):
     def on_fork(self) -> str:
         """What this socket does with its binds in a forked child: "reconnect", "rebind" or "close"."""
         return self._zf_on_fork
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        if self._zf_gen != TOKEN[0] and not self.closed:  # pyzmq's says closed: its flag is what marks it stale
+            text = text.replace(" closed>", ">")
+        return text
+
+    def __reduce__(self) -> Any:
+        """Pickled by recipe: unpickled in any process, it rebuilds at first use (see zmqfork._pickling)."""
+        return reduce_socket(self)
 
     def __del__(self) -> None:
         gen = self.__dict__.get("_zf_gen")

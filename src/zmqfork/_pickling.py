@@ -1,0 +1,137 @@
+"""Pickling by recipe: a zmqfork socket or context travels to another process as what rebuilds it.
+
+A pickled Context is its class, I/O threads, ``on_fork`` policy, context
+options and default socket options; a pickled Socket is its class, type,
+``on_fork`` policy, copy threshold, recipe and its Context (pickled once per
+pickle, so sockets of one Context pickled together share one context after
+unpickling).  Unpickling builds nothing: the objects come back exactly like
+objects inherited across fork, and rebuild at first use in whatever process
+uses them (binds follow ``on_fork``: by default ``InheritedBindError`` on use).
+That holds in the process that pickled them too: a round trip gives new,
+independent objects.  (``copy.copy`` and ``copy.deepcopy`` stay pyzmq's: a
+shadow.)
+
+Refused when pickling, with the reason: a closed socket or context, a shadow
+of a socket zmqfork does not own, a socket with an ``inproc://`` endpoint or
+a monitor (inproc lives in one process's context), and option values that are
+not plain bytes, str or numbers.  CURVE and PLAIN secrets travel in the
+pickle; they never appear in a repr or an error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple, Type
+from weakref import WeakSet
+
+import zmq
+
+from zmqfork._generation import adopt
+from zmqfork._recipe import SocketRecipe, Step
+
+if TYPE_CHECKING:
+    from zmqfork.context import Context
+    from zmqfork.socket import Socket
+
+__all__ = ["reduce_context", "reduce_socket"]
+
+#: A generation token no process ever has: unpickled objects are stale until used.
+_NEVER = 0
+
+_PLAIN_VALUES = (bytes, str, int, float)
+
+
+def reduce_context(ctx: Context) -> Tuple[Callable[..., Context], Tuple[Any, ...]]:
+    """``Context.__reduce__``: the state that makes an equivalent context in any process."""
+    if ctx.closed:
+        raise TypeError(f"cannot pickle {ctx!r}: it is terminated")
+    origin = ctx._zf_origin
+    if origin is not None:
+        return reduce_context(origin)
+    if ctx._shadow:
+        raise TypeError(f"cannot pickle {ctx!r}: it shadows a libzmq context zmqfork does not own")
+    options = dict(ctx._zf_options)
+    defaults = dict(ctx.sockopts)
+    _check_plain(ctx, [*options.items(), *defaults.items()])
+    return _unpickle_context, (type(ctx), ctx._zf_io_threads, ctx.on_fork, options, defaults)
+
+
+def reduce_socket(sock: Socket[Any]) -> Tuple[Callable[..., Socket[Any]], Tuple[Any, ...]]:
+    """``Socket.__reduce__``: the recipe and its Context (pickled once per pickle)."""
+    if sock.closed:
+        raise TypeError(f"cannot pickle {sock!r}: it is closed")
+    recipe = sock._zf_recipe
+    if recipe is None:
+        raise TypeError(f"cannot pickle {sock!r}: it shadows a libzmq socket zmqfork does not own")
+    for step in recipe.steps:
+        if step.kind == "monitor":
+            raise TypeError(f"cannot pickle {sock!r}: it has a monitor ({step.describe()}), which lives in this process")
+        if step.endpoint.startswith("inproc://"):
+            raise TypeError(
+                f"cannot pickle {sock!r}: {step.describe()} is an inproc endpoint, which lives in one "
+                "process's context; use tcp:// or ipc:// for sockets that travel"
+            )
+    _check_plain(sock, [(step.option, step.value) for step in recipe.steps if step.kind == "set"])
+    origin = sock._zf_origin
+    if origin is not None:
+        return _unpickle_shadow, (type(sock), origin)
+    return _unpickle_socket, (type(sock), sock.context, sock._zf_type, sock._zf_on_fork, sock.copy_threshold,
+                              [tuple(step) for step in recipe.steps])
+
+
+def _check_plain(owner: Any, options: Any) -> None:
+    for option, value in options:
+        if not isinstance(value, _PLAIN_VALUES):
+            raise TypeError(
+                f"cannot pickle {owner!r}: option {option} holds a {type(value).__name__}; "
+                "only bytes, str, int and float option values travel"
+            )
+
+
+def _unpickle_context(cls: Type[Context], io_threads: int, on_fork: str, options: Dict[int, Any],
+                      defaults: Dict[int, Any]) -> Context:
+    ctx = cls.__new__(cls)
+    ctx._zf_mark_inherited()  # no libzmq context yet: pyzmq's compiled methods refuse until rebuilt
+    ctx.__dict__.update(
+        on_fork=on_fork,
+        _zf_gen=_NEVER,
+        _zf_io_threads=io_threads,
+        _zf_options=options,
+        _zf_origin=None,
+        _zf_terminated=False,
+        _zf_authenticators=[],
+        _zf_authenticators_waiting=[],
+        sockopts=defaults,
+        _sockets=WeakSet(),
+    )
+    adopt(ctx)
+    return ctx
+
+
+def _unpickle_socket(cls: Type[Socket[Any]], ctx: Context, socket_type: int, on_fork: str, copy_threshold: int,
+                     steps: Any) -> Socket[Any]:
+    recipe = SocketRecipe()
+    recipe.steps = [Step(*step) for step in steps]
+    sock = _new_stale_socket(cls, ctx, socket_type)
+    sock.__dict__.update(_zf_on_fork=on_fork, _zf_recipe=recipe, _zf_origin=None)
+    sock.copy_threshold = copy_threshold
+    return sock
+
+
+def _unpickle_shadow(cls: Type[Socket[Any]], origin: Socket[Any]) -> Socket[Any]:
+    sock = _new_stale_socket(cls, origin.context, origin._zf_type)  # type: ignore[arg-type]  # zmqfork's
+    sock.__dict__.update(_zf_on_fork=origin._zf_on_fork, _zf_recipe=origin._zf_recipe, _zf_origin=origin,
+                         _shadow=True)
+    return sock
+
+
+def _new_stale_socket(cls: Type[Socket[Any]], ctx: Context, socket_type: int) -> Socket[Any]:
+    """A socket object with no libzmq socket yet, as an inherited one is: it rebuilds at first use."""
+    sock = cls.__new__(cls)
+    sock._zf_mark_inherited()  # pyzmq's compiled methods refuse it until it is rebuilt
+    kind = zmq.SocketType(socket_type)
+    sock.__dict__.update(_zf_gen=_NEVER, _zf_type=socket_type, _zf_closed=False, _zf_failure=None,
+                         type=kind, _type_name=kind.name)  # what pyzmq's __init__ sets
+    sock.context = ctx
+    ctx._add_socket(sock)
+    adopt(sock)
+    return sock

@@ -1,0 +1,33 @@
+"""What multiprocessing children run in tests/test_pickling.py: importable by name, as spawn and forkserver need.
+
+Each child reports ``<tag> <pid>`` on a zmqfork REQ socket it was handed and
+waits for the parent's answer, so that a report counts only once it arrived.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+_worker_socket: Optional[Any] = None
+
+
+def report(sock: Any, tag: str) -> int:
+    """Send ``tag`` and this pid on ``sock`` (a REQ), wait for the answer; return the pid."""
+    sock.send_string(f"{tag} {os.getpid()}")
+    if sock.recv() != b"ok":
+        raise AssertionError("the parent did not answer ok")
+    return os.getpid()
+
+
+def init_worker(sock: Any) -> None:
+    """A pool worker's initializer: keep the socket it was handed, and report once."""
+    global _worker_socket
+    _worker_socket = sock
+    report(sock, "init")
+
+
+def task(tag: str) -> int:
+    """A pool task: report on the socket the initializer kept."""
+    assert _worker_socket is not None, "the initializer did not run"
+    return report(_worker_socket, tag)
