@@ -87,3 +87,15 @@ def test_a_failure_that_passes_on_rerun_is_flaky_and_one_that_keeps_failing_stay
     assert list(run.flaky) == ["test_fake.py::test_flaky"] and "passed on rerun 1" in run.flaky["test_fake.py::test_flaky"]
     assert (tmp_path / "plain-rerun2.xml").exists()  # the broken test was run three times in all
     assert "2 passed, 1 failed, 0 error, 0 skipped, 1 passed only on rerun" in capsys.readouterr().out
+
+
+def test_a_run_past_its_bound_is_killed_and_reported(
+    tool: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pytest run that outlives run_timeout is killed (with its session) and the run says so; no rerun follows."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_hang.py").write_text("import time\ndef test_hang():\n    time.sleep(120)\n")
+    run = tool.run_suite("plain", tmp_path, ["tests/test_hang.py"], 60, 3)
+    assert run.problem == "killed after 3 s" and run.outcomes == {}
+    assert run.seconds < 30 and not (tmp_path / "plain-rerun1.log").exists()
+    assert "--- plain: killed after 3 s; last lines of its output:" in capsys.readouterr().out

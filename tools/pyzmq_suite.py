@@ -92,7 +92,8 @@ def fetch_tests(version: str, work: Path) -> Path:
                   if (m.name.startswith(top + "tests/") or m.name == top + "pytest.ini")
                   and (m.isfile() or m.isdir()) and ".." not in Path(m.name).parts]
         if not any(m.name == top + "tests/conftest.py" for m in wanted):
-            raise SetupError(f"{sdists[0].name} has no tests/conftest.py: cannot run pyzmq's suite")
+            raise SetupError(f"{sdists[0].name} has no tests/conftest.py: this script runs the tests/ "
+                             "directory of recent pyzmq source distributions")
         if hasattr(tarfile, "data_filter"):
             tar.extractall(work, members=wanted, filter="data")
         else:  # Python without extraction filters: members were checked above
@@ -122,7 +123,7 @@ def read_junit(path: Path) -> Tuple[Dict[str, str], Dict[str, str]]:
     return outcomes, messages
 
 
-def pytest(mode: str, root: Path, name: str, tests: List[str], test_timeout: int, run_timeout: int) -> Run:
+def pytest(mode: str, root: Path, name: str, tests: List[str], test_timeout: int, run_timeout: float) -> Run:
     """Run pytest on ``tests`` in ``root`` with the mode's plugin, bounded by ``run_timeout`` seconds."""
     run = Run(mode)
     junit, log = root / f"{name}.xml", root / f"{name}.log"
@@ -144,7 +145,7 @@ def pytest(mode: str, root: Path, name: str, tests: List[str], test_timeout: int
             code = None
     run.seconds = time.monotonic() - start
     if code is None:
-        run.problem = f"killed after {run_timeout} s"
+        run.problem = f"killed after {run_timeout:.0f} s"
     elif code not in (0, 1):
         run.problem = f"pytest exited {code}"
     if junit.exists():
@@ -164,20 +165,24 @@ def run_suite(mode: str, root: Path, files: List[str], test_timeout: int, run_ti
     sleeps: test_log's test_blank_root_topic hangs in about 1 run of 6 on
     plain pyzmq) and a failure can leave state that fails the tests after it
     (test_log's handlers stay on a shared logger), so a test that passes on a
-    rerun counts as passed and is listed as flaky.
+    rerun counts as passed and is listed as flaky.  The run and its reruns
+    together are bounded by ``run_timeout`` seconds.
     """
+    deadline = time.monotonic() + run_timeout
     run = pytest(mode, root, mode, files, test_timeout, run_timeout)
     for attempt in range(1, RERUNS + 1):
         failed = [tid for tid, outcome in run.outcomes.items() if outcome in ("failed", "error")]
-        if not failed or run.problem:
+        left = deadline - time.monotonic()
+        if not failed or run.problem or left < test_timeout:
             break
-        again = pytest(mode, root, f"{mode}-rerun{attempt}", [f"tests/{tid}" for tid in failed],
-                       test_timeout, run_timeout)
+        again = pytest(mode, root, f"{mode}-rerun{attempt}", [f"tests/{tid}" for tid in failed], test_timeout, left)
         run.seconds += again.seconds
         for tid in failed:
             if again.outcomes.get(tid) == "passed":
                 run.flaky[tid] = f"{run.outcomes[tid]} ({run.messages.pop(tid)}), passed on rerun {attempt}"
                 run.outcomes[tid] = "passed"
+        if again.problem:
+            break
     counts = ", ".join(f"{run.count(o)} {o}" for o in OUTCOMES)
     flaky = f", {len(run.flaky)} passed only on rerun" if run.flaky else ""
     problem = f"; {run.problem}" if run.problem else ""
@@ -237,7 +242,8 @@ def main() -> int:
     parser.add_argument("--allow", type=Path, default=TOOLS / "pyzmq_suite_allow.txt",
                         help="allow-list file (default: %(default)s)")
     parser.add_argument("--test-timeout", type=int, default=60, help="seconds per test (default: %(default)s)")
-    parser.add_argument("--run-timeout", type=int, default=600, help="seconds per run (default: %(default)s)")
+    parser.add_argument("--run-timeout", type=int, default=600,
+                        help="seconds per run, its reruns included (default: %(default)s)")
     parser.add_argument("--workdir", type=Path, help="unpack and run here, and keep it (default: a temporary directory)")
     args = parser.parse_args()
     version = importlib.metadata.version("pyzmq")
