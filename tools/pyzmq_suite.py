@@ -271,7 +271,8 @@ def main() -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     summary = ", ".join(f"{run.mode} {run.count('passed')}" for run in runs)
-    print(f"pyzmq suite (pyzmq {version}): tests passing: {summary}; "
+    flaky = sum(len(run.flaky) for run in runs)
+    print(f"pyzmq suite (pyzmq {version}): tests passing: {summary}{f' ({flaky} only on rerun)' if flaky else ''}; "
           f"{regressions} failures of tests that pass on plain pyzmq, {unexpected} of them not allow-listed")
     return 1 if unexpected else 0
 
