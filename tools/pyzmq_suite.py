@@ -127,6 +127,7 @@ def pytest(mode: str, root: Path, name: str, tests: List[str], test_timeout: int
     """Run pytest on ``tests`` in ``root`` with the mode's plugin, bounded by ``run_timeout`` seconds."""
     run = Run(mode)
     junit, log = root / f"{name}.xml", root / f"{name}.log"
+    junit.unlink(missing_ok=True)  # never read a report left by an earlier run in a kept --workdir
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE",
            f"--timeout={test_timeout}", "--timeout-method=signal", f"--junitxml={junit}", *tests]
     plugin = PLUGINS[mode]
