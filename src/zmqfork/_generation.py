@@ -24,7 +24,8 @@ from weakref import WeakSet
 from zmqfork._afterfork import run_after_fork_callbacks
 from zmqfork._native import NOTICED_FLAG, TOKEN, refresh
 
-__all__ = ["TOKEN", "NOTICED_FLAG", "NOTICED", "notice", "check_fork", "generation_lock", "adopt", "family", "Inherited"]
+__all__ = ["TOKEN", "NOTICED_FLAG", "NOTICED", "notice", "check_fork", "generation_lock", "adopt", "family", "origin_in_family",
+           "let_go_instead_of_del", "Inherited"]
 
 
 class Inherited(Protocol):
@@ -46,6 +47,41 @@ _locks: Dict[int, threading.RLock] = {}
 def adopt(obj: Inherited) -> None:
     """Register a new zmqfork context or socket, so that a forked child marks it stale."""
     _family.add(obj)
+
+
+def origin_in_family(shadow: Any, cls: type, handle: Any) -> Any:
+    """The zmqfork ``cls`` object that ``shadow`` (such an object, or its libzmq address) stands for; None if foreign.
+
+    ``handle`` is the compiled class's ``underlying`` descriptor, read without
+    calling libzmq.  A shadow of a shadow stands for the first one's origin.
+    """
+    if isinstance(shadow, cls):
+        found: Any = shadow
+        return found._zf_origin or found
+    if isinstance(shadow, int):
+        for member in family():
+            if isinstance(member, cls) and member.__dict__.get("_zf_origin") is None and handle.__get__(member) == shadow:
+                return member
+    return None
+
+
+def let_go_instead_of_del(obj: Any) -> bool:
+    """For ``__del__``: True if pyzmq's ``__del__`` must not run on ``obj``, which this then lets go.
+
+    That is: ``__init__`` failed before anything was built, the interpreter is
+    tearing down, or ``obj`` holds an inherited libzmq object (marked closed
+    here, never called).
+    """
+    gen = obj.__dict__.get("_zf_gen")
+    if gen is None:
+        return True
+    try:
+        inherited = gen != TOKEN[0]
+    except Exception:  # interpreter teardown: module globals may be gone
+        return True
+    if inherited:
+        obj._zf_mark_inherited()
+    return bool(inherited)
 
 
 def family() -> List[Any]:

@@ -20,7 +20,7 @@ pickle; they never appear in a repr or an error.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Type
 from weakref import WeakSet
 
 import zmq
@@ -91,18 +91,8 @@ def _unpickle_context(cls: Type[Context], io_threads: int, on_fork: str, options
                       defaults: Dict[int, Any]) -> Context:
     ctx = cls.__new__(cls)
     ctx._zf_mark_inherited()  # no libzmq context yet: pyzmq's compiled methods refuse until rebuilt
-    ctx.__dict__.update(
-        on_fork=on_fork,
-        _zf_gen=_NEVER,
-        _zf_io_threads=io_threads,
-        _zf_options=options,
-        _zf_origin=None,
-        _zf_terminated=False,
-        _zf_authenticators=[],
-        _zf_authenticators_waiting=[],
-        sockopts=defaults,
-        _sockets=WeakSet(),
-    )
+    ctx._zf_init(_NEVER, io_threads, on_fork, options, None)
+    ctx.__dict__.update(sockopts=defaults, _sockets=WeakSet())  # what pyzmq's __init__ sets
     adopt(ctx)
     return ctx
 
@@ -111,26 +101,26 @@ def _unpickle_socket(cls: Type[Socket[Any]], ctx: Context, socket_type: int, on_
                      steps: Any) -> Socket[Any]:
     recipe = SocketRecipe()
     recipe.steps = [Step(*step) for step in steps]
-    sock = _new_stale_socket(cls, ctx, socket_type)
-    sock.__dict__.update(_zf_on_fork=on_fork, _zf_recipe=recipe, _zf_origin=None)
+    sock = _new_stale_socket(cls, ctx, socket_type, on_fork, recipe, None)
     sock.copy_threshold = copy_threshold
     return sock
 
 
 def _unpickle_shadow(cls: Type[Socket[Any]], origin: Socket[Any]) -> Socket[Any]:
-    sock = _new_stale_socket(cls, origin.context, origin._zf_type)  # type: ignore[arg-type]  # zmqfork's
-    sock.__dict__.update(_zf_on_fork=origin._zf_on_fork, _zf_recipe=origin._zf_recipe, _zf_origin=origin,
-                         _shadow=True)
+    sock = _new_stale_socket(cls, origin.context, origin._zf_type,  # type: ignore[arg-type]  # zmqfork's
+                             origin._zf_on_fork, origin._zf_recipe, origin)
+    sock.__dict__["_shadow"] = True
     return sock
 
 
-def _new_stale_socket(cls: Type[Socket[Any]], ctx: Context, socket_type: int) -> Socket[Any]:
+def _new_stale_socket(cls: Type[Socket[Any]], ctx: Context, socket_type: int, on_fork: str,
+                      recipe: Optional[SocketRecipe], origin: Optional[Socket[Any]]) -> Socket[Any]:
     """A socket object with no libzmq socket yet, as an inherited one is: it rebuilds at first use."""
     sock = cls.__new__(cls)
     sock._zf_mark_inherited()  # pyzmq's compiled methods refuse it until it is rebuilt
+    sock._zf_init(_NEVER, socket_type, on_fork, recipe, origin)
     kind = zmq.SocketType(socket_type)
-    sock.__dict__.update(_zf_gen=_NEVER, _zf_type=socket_type, _zf_closed=False, _zf_failure=None,
-                         type=kind, _type_name=kind.name)  # what pyzmq's __init__ sets
+    sock.__dict__.update(type=kind, _type_name=kind.name)  # what pyzmq's __init__ sets
     sock.context = ctx
     ctx._add_socket(sock)
     adopt(sock)

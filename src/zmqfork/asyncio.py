@@ -93,7 +93,7 @@ class Context(zmq.asyncio.Context, _Context):
         *,
         on_fork: str = "reconnect",
     ) -> None:
-        _Context.__init__(self, io_threads, shadow, on_fork=on_fork)
+        _Context.__init__(self, io_threads, shadow, on_fork=on_fork)  # not zmq.asyncio's: it would drop on_fork
 
 
 class Poller(zmq.asyncio.Poller):

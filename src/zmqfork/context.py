@@ -16,7 +16,15 @@ import zmq
 from zmq.backend import Context as _BackendContext
 
 from zmqfork import _log
-from zmqfork._generation import NOTICED_FLAG, TOKEN, adopt, family, generation_lock, notice
+from zmqfork._generation import (
+    NOTICED_FLAG,
+    TOKEN,
+    adopt,
+    generation_lock,
+    let_go_instead_of_del,
+    notice,
+    origin_in_family,
+)
 from zmqfork._pickling import reduce_context
 from zmqfork._policy import check_policy
 from zmqfork.socket import Socket
@@ -76,18 +84,23 @@ class Context(zmq.Context[Socket[bytes]]):
         origin = _origin_of(shadow) if shadow else None
         if origin is not None:
             origin._zf_live()
+        options = origin._zf_options if origin is not None else {}
+        self._zf_init(notice(), io_threads, check_policy(origin.on_fork if origin is not None else on_fork), options, origin)
+        super().__init__(io_threads, shadow)  # type: ignore[call-overload]
+        adopt(self)
+
+    def _zf_init(self, gen: int, io_threads: int, on_fork: str, options: Dict[int, Any], origin: Optional[Context]) -> None:
+        """zmqfork's state of a context (made, or unpickled: zmqfork._pickling)."""
         self.__dict__.update(
-            on_fork=check_policy(origin.on_fork if origin is not None else on_fork),
-            _zf_gen=notice(),
+            on_fork=on_fork,
+            _zf_gen=gen,
             _zf_io_threads=io_threads,
-            _zf_options=origin._zf_options if origin is not None else {},
+            _zf_options=options,
             _zf_origin=origin,
             _zf_terminated=False,
             _zf_authenticators=[],
             _zf_authenticators_waiting=[],
         )
-        super().__init__(io_threads, shadow)  # type: ignore[call-overload]
-        adopt(self)
 
     # ---- the fork check and the re-initialisation --------------------------
 
@@ -207,28 +220,14 @@ class Context(zmq.Context[Socket[bytes]]):
         return reduce_context(self)
 
     def __del__(self) -> None:
-        gen = self.__dict__.get("_zf_gen")
-        if gen is None:  # __init__ failed before anything was built
-            return
-        try:
-            inherited = gen != TOKEN[0]
-        except Exception:  # interpreter teardown: module globals may be gone
-            return
-        if inherited:  # never let pyzmq's __del__ reach an inherited libzmq context
-            self._zf_mark_inherited()
-            return
-        super().__del__()
+        if not let_go_instead_of_del(self):
+            super().__del__()
 
 
 def _origin_of(shadow: Any) -> Optional[Context]:
     """The zmqfork Context that ``shadow`` (a context or an address) stands for, or None if it is foreign."""
-    if isinstance(shadow, Context):
-        return shadow._zf_origin or shadow
-    if isinstance(shadow, int):
-        for member in family():
-            if isinstance(member, Context) and member._zf_origin is None and _HANDLE.__get__(member) == shadow:
-                return member
-    return None
+    origin: Optional[Context] = origin_in_family(shadow, Context, _HANDLE)
+    return origin
 
 
 _fork_safe_classes: Dict[Any, Any] = {}

@@ -21,7 +21,15 @@ import zmq
 from zmq.backend import Socket as _BackendSocket
 
 from zmqfork import _log
-from zmqfork._generation import NOTICED_FLAG, TOKEN, adopt, family, generation_lock, notice
+from zmqfork._generation import (
+    NOTICED_FLAG,
+    TOKEN,
+    adopt,
+    generation_lock,
+    let_go_instead_of_del,
+    notice,
+    origin_in_family,
+)
 from zmqfork._pickling import reduce_socket
 from zmqfork._policy import check_policy
 from zmqfork._recipe import SocketRecipe
@@ -102,20 +110,26 @@ class Socket(zmq.Socket[_RecvT_co]):
             ctx_or_socket._zf_live()
             policy = ctx_or_socket.on_fork if on_fork is None else check_policy(on_fork)
             recipe = SocketRecipe()
-        self.__dict__.update(
-            _zf_gen=notice(),
-            _zf_type=socket_type,
-            _zf_on_fork=policy,
-            _zf_recipe=recipe,
-            _zf_origin=origin,
-            _zf_closed=False,
-            _zf_failure=None,
-        )
+        self._zf_init(notice(), socket_type, policy, recipe, origin)
         super().__init__(ctx_or_socket, socket_type, shadow=shadow, copy_threshold=copy_threshold)  # type: ignore[call-overload,misc]
         self.__dict__["_zf_type"] = int(self.type)
         if origin is not None and self.context is None:
             self.context = origin.context
         adopt(self)
+
+    def _zf_init(
+        self, gen: int, socket_type: int, on_fork: str, recipe: Optional[SocketRecipe], origin: Optional[Socket[Any]]
+    ) -> None:
+        """zmqfork's state of a socket (made, or unpickled: zmqfork._pickling)."""
+        self.__dict__.update(
+            _zf_gen=gen,
+            _zf_type=socket_type,
+            _zf_on_fork=on_fork,
+            _zf_recipe=recipe,
+            _zf_origin=origin,
+            _zf_closed=False,
+            _zf_failure=None,
+        )
 
     # ---- the fork check and the rebuild -----------------------------------
 
@@ -358,17 +372,8 @@ class Socket(zmq.Socket[_RecvT_co]):
         return reduce_socket(self)
 
     def __del__(self) -> None:
-        gen = self.__dict__.get("_zf_gen")
-        if gen is None:  # __init__ failed before anything was built
-            return
-        try:
-            inherited = gen != TOKEN[0]
-        except Exception:  # interpreter teardown: module globals may be gone
-            return
-        if inherited:  # never let pyzmq's __del__ reach an inherited libzmq socket
-            self._zf_mark_inherited()
-            return
-        super().__del__()
+        if not let_go_instead_of_del(self):
+            super().__del__()
 
 
 def _text(endpoint: Union[str, bytes]) -> str:
@@ -378,10 +383,5 @@ def _text(endpoint: Union[str, bytes]) -> str:
 
 def _origin_of(shadow: Any) -> Optional[Socket[Any]]:
     """The zmqfork socket that ``shadow`` (a socket or an address) stands for, or None if it is foreign."""
-    if isinstance(shadow, Socket):
-        return shadow._zf_origin or shadow
-    if isinstance(shadow, int):
-        for member in family():
-            if isinstance(member, Socket) and member._zf_origin is None and _HANDLE.__get__(member) == shadow:
-                return member
-    return None
+    origin: Optional[Socket[Any]] = origin_in_family(shadow, Socket, _HANDLE)
+    return origin
