@@ -172,6 +172,22 @@ def test_thread_authenticator_decides_in_a_child(
 
 
 @pytest.mark.parametrize("kind", FORK_KINDS)
+def test_stopping_an_inherited_authenticator_in_a_child(
+    thread_auth: Tuple[zmqfork.Context, ThreadAuthenticator], kind: str
+) -> None:
+    """stop() on the parent's ThreadAuthenticator, as a child's first call, finds nothing to stop and returns."""
+    ctx, auth = thread_auth
+
+    def child() -> Tuple[bool, bool]:
+        auth.stop()
+        return auth.is_alive(), auth.pipe is None
+
+    wait_until_idle_in_its_loop(auth.thread)
+    assert run_in_child(child, kind=kind) == (False, True)
+    assert auth.is_alive()
+
+
+@pytest.mark.parametrize("kind", FORK_KINDS)
 @pytest.mark.parametrize("mechanism", ["plain", "curve"])
 def test_asyncio_authenticator_decides_in_a_child(keys: Dict[str, Any], mechanism: str, kind: str) -> None:
     """An AsyncioAuthenticator started in the parent answers in the child's event loop, with its configuration."""
@@ -184,8 +200,11 @@ def test_asyncio_authenticator_decides_in_a_child(keys: Dict[str, Any], mechanis
 
         return asyncio.run(decide())
 
+    kept: List[AsyncioAuthenticator] = []  # an application keeps its authenticator: zmqfork holds it weakly
+
     async def parent() -> Tuple[bool, bool]:
         auth = AsyncioAuthenticator(ctx)
+        kept.append(auth)
         auth.start()
         configure(auth, mechanism, keys)
         return await handshake_in_loop(ctx, server, allowed), await handshake_in_loop(ctx, server, refused)

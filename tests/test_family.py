@@ -355,3 +355,167 @@ def test_asyncio_from_socket_in_a_child(ctx: zmqfork.Context) -> None:
         return pull.recv() == b"async"
 
     in_parent_and_children(check)
+
+
+# ---- found by an independent review: each failed before its fix ---------------------------------------
+
+
+def closed_pyzmq_socket_poll() -> List[Tuple[Any, int]]:
+    """What pyzmq's Poller answers for a fresh, closed pyzmq socket (the reference for a closed one)."""
+    plain = pyzmq.Context()
+    fresh = plain.socket(pyzmq.PULL)
+    fresh.close()
+    poller = pyzmq.Poller()
+    poller.register(fresh, pyzmq.POLLIN)
+    events = [(0 if sock is fresh else sock, mask) for sock, mask in poller.poll(0)]
+    plain.term()
+    return events
+
+
+def test_a_socket_closed_in_a_child_polls_like_a_closed_pyzmq_socket(ctx: zmqfork.Context) -> None:
+    """Closed in the child (by close() or on_fork="close"), a socket hands pyzmq's poll no parent handle: no hang."""
+    by_policy = ctx.socket(pyzmq.PULL, on_fork="close")
+    by_policy.bind("tcp://127.0.0.1:*")
+    by_hand = ctx.socket(pyzmq.PULL)
+
+    def check() -> bool:
+        if os.getpid() == parent_pid:
+            return True
+        reference = closed_pyzmq_socket_poll()
+        by_hand.close()
+        results = []
+        for sock in (by_policy, by_hand):
+            poller = pyzmq.Poller()
+            poller.register(sock, pyzmq.POLLIN)
+            results.append([(0 if polled is sock else polled, mask) for polled, mask in poller.poll(0)])
+        return sock.closed and results == [reference, reference]
+
+    parent_pid = os.getpid()
+    in_parent_and_children(check)
+
+
+def test_sockets_of_a_context_terminated_in_a_child_raise_context_terminated(ctx: zmqfork.Context) -> None:
+    """term() on an unused inherited context, then a socket of it: ContextTerminated, no libzmq call on the parent's."""
+    _, push = pair(ctx)
+
+    def check() -> bool:
+        if os.getpid() == parent_pid:
+            return True
+        ctx.term()
+        with pytest.raises(pyzmq.ContextTerminated):
+            push.send(b"after term")
+        return ctx.closed and ctx.underlying == 0
+
+    parent_pid = os.getpid()
+    in_parent_and_children(check)
+
+
+def test_debug_logging_through_a_pubhandler_on_a_rebuilt_socket(ctx: zmqfork.Context) -> None:
+    """zmqfork's DEBUG log lines sent through a PUBHandler on a zmqfork PUB rebuild it once, without recursion."""
+    pub = ctx.socket(pyzmq.PUB)
+    pub.connect("tcp://127.0.0.1:9")  # never answered: only the rebuild matters
+
+    def check() -> bool:
+        if os.getpid() == parent_pid:
+            return True
+        handler = zmq.log.handlers.PUBHandler(pub)
+        logger = logging.getLogger("zmqfork")
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+        before = len(os.listdir("/proc/self/fd"))
+        logging.getLogger("zmqfork-family").warning("first")
+        pub.send_multipart([b"topic", b"second"])
+        return len(os.listdir("/proc/self/fd")) <= before + 8  # one context and one socket, not one per level
+
+    parent_pid = os.getpid()
+    logging.getLogger("zmqfork-family").addHandler(logging.NullHandler())
+    in_parent_and_children(check)
+
+
+def test_family_survives_threads_making_sockets_while_another_notices() -> None:
+    """Listing the family while other threads add to it never fails (it was a WeakSet iterated unguarded)."""
+    from zmqfork._generation import family
+
+    ctx = zmqfork.Context()
+    done = threading.Event()
+    errors: List[BaseException] = []
+
+    def make() -> None:
+        while not done.is_set():
+            ctx.socket(pyzmq.PUSH).close()
+
+    maker = threading.Thread(target=make, daemon=True)
+    maker.start()
+    try:
+        for _ in range(20_000):
+            try:
+                family()
+            except BaseException as exc:
+                errors.append(exc)
+                break
+    finally:
+        done.set()
+        maker.join(TIMEOUT_MS / 1000)
+        ctx.destroy(linger=0)
+    assert not errors and not maker.is_alive()
+
+
+def test_tornado_future_sockets_are_fork_safe(ctx: zmqfork.Context) -> None:
+    """socket_class=zmq.eventloop.future.Socket (any pyzmq awaitable socket) rebuilds in a child and delivers."""
+    pytest.importorskip("tornado")
+    import zmq.eventloop.future as future
+
+    pull, _ = pair(ctx)
+    sock = ctx.socket(pyzmq.PUSH, socket_class=future.Socket)
+    sock.connect(f"inproc://family-{pair.count}")  # type: ignore[attr-defined]
+    assert isinstance(sock, future.Socket) and isinstance(sock, zmqfork.Socket)
+
+    def check() -> bool:
+        import asyncio
+
+        async def send() -> None:
+            await sock.send(b"tornado future")
+
+        asyncio.run(send())
+        return pull.recv() == b"tornado future"
+
+    in_parent_and_children(check)
+
+
+def test_shadows_of_addresses_taken_before_the_fork_follow_the_rebuilt_objects(ctx: zmqfork.Context) -> None:
+    """Socket.shadow/Context.shadow of an address noted in the parent shadow the child's rebuilt objects."""
+    pull, push = pair(ctx)
+    socket_address, context_address = push.underlying, ctx.underlying
+
+    def check() -> bool:
+        shadow = zmqfork.Socket.shadow(socket_address)
+        context_shadow = zmqfork.Context.shadow(context_address)
+        shadow.send(b"via the old address")
+        return (
+            pull.recv() == b"via the old address"
+            and shadow.underlying == push.underlying
+            and context_shadow.underlying == ctx.underlying
+        )
+
+    in_parent_and_children(check)
+
+
+def test_bad_socket_classes_and_policies_are_named() -> None:
+    """A socket_class that skips zmqfork's __init__, on_fork on a shadow, and a bad on_fork assigned: clear errors."""
+
+    class Explicit(pyzmq.Socket):  # type: ignore[type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pyzmq.Socket.__init__(self, *args, **kwargs)
+
+    ctx = zmqfork.Context()
+    try:
+        with pytest.raises(TypeError, match="super"):
+            ctx.socket(pyzmq.PUSH, socket_class=Explicit)
+        with pytest.raises(TypeError, match="on_fork"):
+            zmqfork.Context(shadow=ctx, on_fork="close")
+        with pytest.raises(ValueError, match="on_fork"):
+            ctx.on_fork = "bogus"
+        ctx.on_fork = "rebind"
+        assert ctx.socket(pyzmq.PUSH).on_fork == "rebind"
+    finally:
+        ctx.destroy(linger=0)

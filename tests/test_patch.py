@@ -211,3 +211,27 @@ def test_shadows_subclasses_and_from_socket_are_redirected(patched: None, pull: 
         assert sorted(pull.recv() for _ in range(4)) == [b"copy", b"from_socket", b"shadow", b"tagged"]
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("kind", FORK_KINDS)
+def test_context_subclasses_and_instance_are_redirected(patched: None, pull: zmqfork.Socket, kind: str) -> None:
+    """A library's own zmq.Context subclass gets a fork-safe subclass of itself; Context.instance() is one context."""
+
+    class LibraryContext(pyzmq.Context):  # type: ignore[type-arg]
+        """A library's own context class."""
+
+    ctx = LibraryContext()
+    try:
+        assert isinstance(ctx, LibraryContext) and isinstance(ctx, zmqfork.Context)
+        assert pyzmq.Context.instance() is zmqfork.Context.instance()
+        push = ctx.socket(pyzmq.PUSH)
+        push.connect(pull.get(pyzmq.LAST_ENDPOINT).decode())
+
+        def child() -> None:
+            push.send(b"library context")
+            ctx.destroy(linger=TIMEOUT_MS)
+
+        run_in_child(child, kind=kind)
+        assert pull.recv() == b"library context"
+    finally:
+        ctx.destroy(linger=0)

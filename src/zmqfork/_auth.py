@@ -18,18 +18,33 @@ sockets.
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import sys
 import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence
 
+from zmqfork._generation import notice
+
 if TYPE_CHECKING:
     from zmqfork.context import Context
 
-__all__ = ["watch_authenticators", "restart_authenticators", "restart_waiting_authenticators"]
+__all__ = ["watch_authenticators", "let_go_of_authenticators", "restart_authenticators", "restart_waiting_authenticators"]
 
 _BASE = "zmq.auth.base"
+
+
+def let_go_of_authenticators(context: Context) -> None:
+    """When a fork is noticed: each authenticator of ``context`` lets go of its inherited thread or task and sockets.
+
+    Plain Python, no libzmq call: its sockets are the parent's (closing an
+    inherited zmqfork socket only marks it), its thread does not exist here.
+    Done at once, so that calls on the authenticator before the context is
+    used again (``stop()``) find nothing to stop.
+    """
+    for ref in context._zf_authenticators:
+        auth = ref()
+        if auth is not None:
+            _let_go_of_sockets(auth)
 
 
 def restart_authenticators(context: Context) -> None:
@@ -57,7 +72,6 @@ def _restart(context: Context, refs: List[Any]) -> None:
         if _is_asyncio(auth) and not loop_running:
             waiting.append(ref)
             continue
-        _let_go_of_sockets(auth)
         auth.start()
     context.__dict__["_zf_authenticators_waiting"] = waiting
 
@@ -93,7 +107,12 @@ def _let_go_of_sockets(auth: Any) -> None:
 
 
 def _wrap(base: ModuleType) -> None:
-    """Make ``Authenticator.start``/``stop`` tell a zmqfork context which authenticators run on it."""
+    """Make ``Authenticator.start``/``stop`` tell a zmqfork context which authenticators run on it.
+
+    Every subclass's own ``stop`` (``ThreadAuthenticator``'s sends on its
+    pipe before it calls ``super().stop()``) notices a fork first, so that in
+    a child it finds the inherited pipe already let go of.
+    """
     from zmqfork.context import Context
 
     authenticator = base.Authenticator
@@ -116,12 +135,43 @@ def _wrap(base: ModuleType) -> None:
             context._zf_authenticators[:] = [ref for ref in context._zf_authenticators if ref() not in (self, None)]
         stop(self)
 
-    for wrapper, original in ((started, start), (stopped, stop)):
-        wrapper.__name__ = original.__name__
-        wrapper.__doc__ = original.__doc__
-        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
-    authenticator.start = started
-    authenticator.stop = stopped
+    _install(authenticator, "start", started, start)
+    _install(authenticator, "stop", stopped, stop)
+    original_init_subclass = authenticator.__dict__.get("__init_subclass__")
+
+    def subclass_made(cls: Any, /, **kwargs: Any) -> None:
+        super(authenticator, cls).__init_subclass__(**kwargs)
+        _wrap_subclass_stop(cls)
+
+    if original_init_subclass is None:
+        authenticator.__init_subclass__ = classmethod(subclass_made)
+    pending = list(authenticator.__subclasses__())
+    while pending:  # subclasses made before zmq.auth was seen
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        _wrap_subclass_stop(cls)
+
+
+def _wrap_subclass_stop(cls: Any) -> None:
+    """A subclass's own ``stop`` notices a fork first."""
+    own_stop = cls.__dict__.get("stop")
+    if own_stop is not None and getattr(own_stop, "__wrapped__", None) is None:
+        _install(cls, "stop", _noticing_first(own_stop), own_stop)
+
+
+def _noticing_first(function: Callable[[Any], None]) -> Callable[[Any], None]:
+    def stop(self: Any) -> None:
+        notice()
+        function(self)
+
+    return stop
+
+
+def _install(owner: Any, name: str, wrapper: Callable[[Any], None], original: Callable[[Any], None]) -> None:
+    wrapper.__name__ = original.__name__
+    wrapper.__doc__ = original.__doc__
+    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(owner, name, wrapper)
 
 
 class _WhenImported(importlib.abc.MetaPathFinder):
@@ -135,8 +185,13 @@ class _WhenImported(importlib.abc.MetaPathFinder):
         if fullname != self.name:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
-        if spec is None or spec.loader is None:
+        spec = None
+        for finder in sys.meta_path:  # the finders after this one: files, zip archives, frozen modules
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                break
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader: Any = spec.loader
         execute = loader.exec_module

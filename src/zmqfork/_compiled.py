@@ -33,10 +33,11 @@ def _revive(objects: Iterable[Any]) -> None:
     """Rebuild every stale zmqfork socket among ``objects`` (noticing a fork first if needed)."""
     if not NOTICED_FLAG[0]:
         notice()
-    if TOKEN[0] == _IMPORTED_IN:
+    token = TOKEN[0]
+    if token == _IMPORTED_IN:
         return
     for obj in objects:
-        if isinstance(obj, Socket):
+        if isinstance(obj, Socket) and obj._zf_gen != token:
             obj._zf_live()
 
 

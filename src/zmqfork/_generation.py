@@ -18,13 +18,13 @@ live zmqfork object's inherited libzmq object closed through pyzmq's own flag
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Dict, List, Protocol, Tuple
-from weakref import WeakSet
 
 from zmqfork._afterfork import run_after_fork_callbacks
 from zmqfork._native import NOTICED_FLAG, TOKEN, refresh
 
-__all__ = ["TOKEN", "NOTICED_FLAG", "NOTICED", "notice", "check_fork", "generation_lock", "adopt", "family", "origin_in_family",
+__all__ = ["TOKEN", "NOTICED_FLAG", "NOTICED", "notice", "check_fork", "generation_lock", "adopt", "own_handle", "family", "origin_in_family",
            "let_go_instead_of_del", "Inherited"]
 
 
@@ -38,31 +38,51 @@ class Inherited(Protocol):
 #: The token whose fork was noticed last (this process's, once NOTICED_FLAG[0] is set).
 NOTICED: List[int] = [TOKEN[0] or refresh()]
 
-# Every live zmqfork context and socket, to mark when a fork is noticed.
-_family: "WeakSet[Any]" = WeakSet()
+# Every live zmqfork context and socket, to mark when a fork is noticed: id -> weak reference.
+# A dict, not a WeakSet: list(dict.values()) copies atomically under the GIL.
+_family: Dict[int, "weakref.ref[Any]"] = {}
+# libzmq addresses, this generation's and inherited ones -> the zmqfork object that has or had it.
+_by_handle: Dict[int, "weakref.ref[Any]"] = {}
 _noticing = 0
 _locks: Dict[int, threading.RLock] = {}
 
 
+def _weakly(table: Dict[int, "weakref.ref[Any]"], key: int, obj: Any) -> None:
+    """``table[key]`` = a weak reference to ``obj`` that removes itself, if still there, when ``obj`` dies."""
+
+    def forget(ref: "weakref.ref[Any]") -> None:
+        if table.get(key) is ref:
+            table.pop(key, None)
+
+    table[key] = weakref.ref(obj, forget)
+
+
 def adopt(obj: Inherited) -> None:
     """Register a new zmqfork context or socket, so that a forked child marks it stale."""
-    _family.add(obj)
+    _weakly(_family, id(obj), obj)
 
 
-def origin_in_family(shadow: Any, cls: type, handle: Any) -> Any:
-    """The zmqfork ``cls`` object that ``shadow`` (such an object, or its libzmq address) stands for; None if foreign.
+def own_handle(obj: Any, address: int) -> None:
+    """Record that ``obj`` holds the libzmq object at ``address``, for shadows made from the address."""
+    if address:
+        _weakly(_by_handle, address, obj)
 
-    ``handle`` is the compiled class's ``underlying`` descriptor, read without
-    calling libzmq.  A shadow of a shadow stands for the first one's origin.
+
+def origin_in_family(shadow: Any, cls: type) -> Any:
+    """The zmqfork ``cls`` object that ``shadow`` (such an object, or a libzmq address) stands for; None if foreign.
+
+    An address of this generation's libzmq object or of one inherited from
+    the parent (taken before the fork) both stand for the object.  A shadow of
+    a shadow stands for the first one's origin.
     """
-    if isinstance(shadow, cls):
-        found: Any = shadow
-        return found._zf_origin or found
-    if isinstance(shadow, int):
-        for member in family():
-            if isinstance(member, cls) and member.__dict__.get("_zf_origin") is None and handle.__get__(member) == shadow:
-                return member
-    return None
+    found: Any = shadow
+    if isinstance(shadow, int) and not isinstance(shadow, bool):
+        ref = _by_handle.get(shadow)
+        found = ref() if ref is not None else None
+    if not isinstance(found, cls):
+        return None
+    origin: Any = found.__dict__.get("_zf_origin")
+    return origin or found
 
 
 def let_go_instead_of_del(obj: Any) -> bool:
@@ -86,7 +106,8 @@ def let_go_instead_of_del(obj: Any) -> bool:
 
 def family() -> List[Any]:
     """Every live zmqfork context and socket (a copy)."""
-    return list(_family)  # list(WeakSet) copies under the GIL
+    members = (ref() for ref in list(_family.values()))
+    return [obj for obj in members if obj is not None]
 
 
 def notice() -> int:

@@ -12,30 +12,17 @@ that imported those names before patching.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, List, Optional, Tuple
 
 import zmq
 from zmq.backend import Context as _BackendContext
 from zmq.backend import Socket as _BackendSocket
 
-from zmqfork.context import Context, fork_safe_socket_class
+from zmqfork.context import Context, fork_safe_context_class, fork_safe_socket_class
 from zmqfork.context import _origin_of as _context_origin
 from zmqfork.socket import _origin_of as _socket_origin
 
 __all__ = ["patch", "unpatch"]
-
-
-def _context_class(cls: type) -> type:
-    """The zmqfork class to make where pyzmq's context class ``cls`` was asked for."""
-    if cls is zmq.Context:
-        return Context
-    aio = sys.modules.get("zmq.asyncio")  # not imported: cls cannot be its Context
-    if aio is not None and cls is aio.Context:
-        import zmqfork.asyncio
-
-        return zmqfork.asyncio.Context
-    return cls
 
 
 def _new_context(cls: type, *args: Any, **kwargs: Any) -> Any:
@@ -47,7 +34,16 @@ def _new_context(cls: type, *args: Any, **kwargs: Any) -> Any:
         shadow = args[1]
     if shadow and _context_origin(shadow) is None:
         return _BackendContext.__new__(cls)  # a shadow of a context zmqfork does not own stays pyzmq's
-    return _BackendContext.__new__(_context_class(cls))
+    return _BackendContext.__new__(fork_safe_context_class(cls))
+
+
+_pyzmq_instance = zmq.Context.__dict__["instance"].__func__
+
+
+def _instance(cls: Any, io_threads: int = 1) -> Any:
+    # pyzmq's own Context.instance(), on the fork-safe class: zmq.Context.instance() and
+    # zmqfork.Context.instance() are one and the same process-wide context while patched.
+    return _pyzmq_instance(fork_safe_context_class(cls), io_threads)
 
 
 def _new_socket(cls: type, *args: Any, **kwargs: Any) -> Any:
@@ -74,9 +70,14 @@ def patch() -> None:
     """
     if _saved:
         return
-    for owner, name, value in ((zmq.Context, "__new__", _new_context), (zmq.Socket, "__new__", _new_socket)):
+    replacements = (
+        (zmq.Context, "__new__", staticmethod(_new_context)),
+        (zmq.Context, "instance", classmethod(_instance)),
+        (zmq.Socket, "__new__", staticmethod(_new_socket)),
+    )
+    for owner, name, value in replacements:
         _saved.append((owner, name, owner.__dict__.get(name)))
-        setattr(owner, name, staticmethod(value))
+        setattr(owner, name, value)
 
 
 def unpatch() -> None:

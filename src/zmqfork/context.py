@@ -9,6 +9,7 @@ subclass of it is made), and rebuild themselves in this context.
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Any, Dict, List, Optional, Type, Union
 
@@ -24,16 +25,18 @@ from zmqfork._generation import (
     let_go_instead_of_del,
     notice,
     origin_in_family,
+    own_handle,
 )
 from zmqfork._pickling import reduce_context
 from zmqfork._policy import check_policy
 from zmqfork.socket import Socket
 
-__all__ = ["Context", "fork_safe_socket_class"]
+__all__ = ["Context", "fork_safe_socket_class", "fork_safe_context_class"]
 
 # pyzmq's flag and handle, read and written without calling libzmq.
 _CLOSED_FLAG: Any = _BackendContext.__dict__["closed"]
 _HANDLE: Any = _BackendContext.__dict__["underlying"]
+_backend_term = _BackendContext.term
 
 
 class Context(zmq.Context[Socket[bytes]]):
@@ -58,7 +61,7 @@ class Context(zmq.Context[Socket[bytes]]):
     #: ``Context.instance()`` is pyzmq's: one per class and per process (a new one in a forked child).
     _instance = None  # this class's own, not pyzmq's
 
-    on_fork: str
+    _zf_on_fork: str
     _zf_gen: int
     _zf_io_threads: int
     #: Context options to replay; a shadow shares its origin's.
@@ -75,24 +78,30 @@ class Context(zmq.Context[Socket[bytes]]):
         io_threads: Union[int, zmq.Context[Any]] = 1,
         shadow: Union[zmq.Context[Any], int] = 0,
         *,
-        on_fork: str = "reconnect",
+        on_fork: Optional[str] = None,
     ) -> None:
         if isinstance(io_threads, zmq.Context):  # positional Context(other_context), as pyzmq
             io_threads, shadow = 1, io_threads
         if isinstance(io_threads, bool) or not isinstance(io_threads, int):
             raise TypeError(f"io_threads must be an int, not {type(io_threads).__name__}")
+        if shadow and on_fork is not None:
+            raise TypeError("on_fork is for contexts zmqfork owns; a shadow follows the context it shadows")
         origin = _origin_of(shadow) if shadow else None
         if origin is not None:
             origin._zf_live()
+            shadow = origin  # its current libzmq context, even for an address taken before a fork
         options = origin._zf_options if origin is not None else {}
-        self._zf_init(notice(), io_threads, check_policy(origin.on_fork if origin is not None else on_fork), options, origin)
+        policy = origin.on_fork if origin is not None else check_policy("reconnect" if on_fork is None else on_fork)
+        self._zf_init(notice(), io_threads, policy, options, origin)
         super().__init__(io_threads, shadow)  # type: ignore[call-overload]
+        if origin is None and not self._shadow:
+            own_handle(self, _HANDLE.__get__(self))
         adopt(self)
 
     def _zf_init(self, gen: int, io_threads: int, on_fork: str, options: Dict[int, Any], origin: Optional[Context]) -> None:
         """zmqfork's state of a context (made, or unpickled: zmqfork._pickling)."""
         self.__dict__.update(
-            on_fork=on_fork,
+            _zf_on_fork=on_fork,
             _zf_gen=gen,
             _zf_io_threads=io_threads,
             _zf_options=options,
@@ -116,25 +125,45 @@ class Context(zmq.Context[Socket[bytes]]):
 
     def _zf_rebuild(self, token: int) -> None:
         self._zf_mark_inherited()
+        origin = self._zf_origin
+        if origin is not None:
+            origin._zf_live()
+            if origin._zf_terminated:
+                self.__dict__["_zf_terminated"] = True
         if not self._zf_terminated:
-            origin = self._zf_origin
             if origin is not None:
-                origin._zf_live()
                 _BackendContext.__init__(self, shadow=_HANDLE.__get__(origin))
+            elif self._shadow:
+                raise zmq.ZMQError(
+                    errno.ENOTSUP,
+                    "this context shadows a libzmq context that zmqfork does not own; it cannot be "
+                    "re-initialised in a forked child: shadow a zmqfork context, or create it after the fork",
+                )
             else:
                 _BackendContext.__init__(self, self._zf_io_threads)
                 for option, value in self._zf_options.items():
                     _BackendContext.set(self, option, value)
-            _log.debug("zmqfork: new context for %r in forked child", self)
+                own_handle(self, _HANDLE.__get__(self))
+        # Current before anything that may run user code (a log handler, an authenticator).
         self.__dict__["_zf_gen"] = token
+        _log.debug("zmqfork: new context for %r in forked child", self)
         if self._zf_authenticators:
             from zmqfork._auth import restart_authenticators
 
             restart_authenticators(self)
 
     def _zf_mark_inherited(self) -> None:
-        """Make pyzmq treat the inherited libzmq context as closed, without calling libzmq."""
+        """Make pyzmq treat the inherited libzmq context as closed and forget it, without calling libzmq.
+
+        Its authenticators, if any, let go of their inherited thread or task
+        and sockets; they start again when the context is re-initialised.
+        """
         _CLOSED_FLAG.__set__(self, True)
+        _backend_term(self)  # closed: pyzmq only forgets the handle (no zmq_ctx_destroy)
+        if self.__dict__.get("_zf_authenticators"):
+            from zmqfork._auth import let_go_of_authenticators
+
+            let_go_of_authenticators(self)
 
     # ---- sockets -------------------------------------------------------------
 
@@ -159,7 +188,24 @@ class Context(zmq.Context[Socket[bytes]]):
         self._zf_live()
         if on_fork is not None:
             kwargs["on_fork"] = check_policy(on_fork)
-        return super().socket(socket_type, fork_safe_socket_class(socket_class or self._socket_class), **kwargs)
+        cls = fork_safe_socket_class(socket_class or self._socket_class)
+        sock = super().socket(socket_type, cls, **kwargs)
+        if "_zf_gen" not in sock.__dict__:
+            zmq.Socket.close(sock)
+            raise TypeError(
+                f"socket_class {socket_class!r}: its __init__ must call super().__init__(...) "
+                "(not zmq.Socket.__init__ directly), so that zmqfork's __init__ runs too"
+            )
+        return sock
+
+    @property
+    def on_fork(self) -> str:
+        """The default bind policy of this context's sockets in a forked child: "reconnect", "rebind" or "close"."""
+        return self._zf_on_fork
+
+    @on_fork.setter
+    def on_fork(self, value: str) -> None:
+        self.__dict__["_zf_on_fork"] = check_policy(value)
 
     # ---- options -----------------------------------------------------------------
 
@@ -226,7 +272,7 @@ class Context(zmq.Context[Socket[bytes]]):
 
 def _origin_of(shadow: Any) -> Optional[Context]:
     """The zmqfork Context that ``shadow`` (a context or an address) stands for, or None if it is foreign."""
-    origin: Optional[Context] = origin_in_family(shadow, Context, _HANDLE)
+    origin: Optional[Context] = origin_in_family(shadow, Context)
     return origin
 
 
@@ -242,15 +288,42 @@ def fork_safe_socket_class(cls: Type[zmq.Socket[Any]]) -> Type[Socket[Any]]:
     """
     if issubclass(cls, Socket):
         return cls
-    safe = _fork_safe_classes.get(cls)
+    safe: Any = _fork_safe_classes.get(cls)
     if safe is None:
         aio = sys.modules.get("zmq.asyncio")  # not imported: cls cannot be one of its classes
-        base: Type[Socket[Any]] = Socket
-        if aio is not None and issubclass(cls, aio.Socket):
-            from zmqfork.asyncio import Socket as AsyncSocket
+        future = sys.modules.get("zmq._future")  # not imported: cls cannot be an awaitable socket
+        if cls is zmq.Socket:
+            safe = Socket
+        elif aio is not None and cls is aio.Socket:
+            from zmqfork.asyncio import Socket as safe
+        elif future is not None and issubclass(cls, future._AsyncSocket):
+            from zmqfork._asyncsocket import AwaitableSocket
 
-            base = AsyncSocket
-        pyzmq_own = cls is zmq.Socket or (aio is not None and cls is aio.Socket)
+            safe = type(cls.__name__, (AwaitableSocket, cls, Socket), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+        else:
+            safe = type(cls.__name__, (cls, Socket), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+        _fork_safe_classes[cls] = safe
+    return safe  # type: ignore[no-any-return]
+
+
+def fork_safe_context_class(cls: Type[zmq.Context[Any]]) -> Type[Context]:
+    """The zmqfork context class to make where the ``zmq.Context`` subclass ``cls`` was asked for.
+
+    pyzmq's own classes map to zmqfork's; another ``zmq.Context`` subclass
+    (a library's own, ``zmq.eventloop.future.Context``) gets a fork-safe
+    subclass of itself (made once), whose methods run before zmqfork's.
+    """
+    if issubclass(cls, Context):
+        return cls
+    safe: Any = _fork_safe_classes.get(cls)
+    if safe is None:
+        aio = sys.modules.get("zmq.asyncio")  # not imported: cls cannot be one of its classes
+        base: Type[Context] = Context
+        if aio is not None and issubclass(cls, aio.Context):
+            from zmqfork.asyncio import Context as AsyncContext
+
+            base = AsyncContext
+        pyzmq_own = cls is zmq.Context or (aio is not None and cls is aio.Context)
         safe = base if pyzmq_own else type(cls.__name__, (cls, base), {"__module__": cls.__module__, "__doc__": cls.__doc__})
         _fork_safe_classes[cls] = safe
-    return safe
+    return safe  # type: ignore[no-any-return]

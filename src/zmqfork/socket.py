@@ -15,7 +15,7 @@ A Socket made with ``shadow=`` of another zmqfork socket (``Socket.shadow``,
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Any, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Optional, Tuple, TypeVar, Union
 
 import zmq
 from zmq.backend import Socket as _BackendSocket
@@ -29,6 +29,7 @@ from zmqfork._generation import (
     let_go_instead_of_del,
     notice,
     origin_in_family,
+    own_handle,
 )
 from zmqfork._pickling import reduce_socket
 from zmqfork._policy import check_policy
@@ -38,7 +39,7 @@ from zmqfork.errors import InheritedBindError, RebuildError
 if TYPE_CHECKING:
     from zmqfork.context import Context
 
-__all__ = ["Socket"]
+__all__ = ["Socket", "forget_handle"]
 
 # The compiled backend's methods: pyzmq's Socket.send is a Python method that
 # only adds routing_id/group handling on top of the backend's.
@@ -77,7 +78,8 @@ class Socket(zmq.Socket[_RecvT_co]):
     #: For a shadow of a zmqfork socket: that socket, which it follows across fork.
     _zf_origin: Optional[Socket[Any]]
     _zf_closed: bool
-    _zf_failure: Optional[zmq.ZMQError]
+    #: (generation, error): every call in that generation raises it, until close.
+    _zf_failure: Optional[Tuple[int, zmq.ZMQError]]
 
     def __init__(
         self,
@@ -99,6 +101,7 @@ class Socket(zmq.Socket[_RecvT_co]):
             origin = _origin_of(shadow)
             if origin is not None:
                 origin._zf_live()
+                shadow = origin  # its current libzmq socket, even for an address taken before a fork
             recipe = origin._zf_recipe if origin is not None else None
             policy = origin._zf_on_fork if origin is not None else "reconnect"
         else:
@@ -113,8 +116,10 @@ class Socket(zmq.Socket[_RecvT_co]):
         self._zf_init(notice(), socket_type, policy, recipe, origin)
         super().__init__(ctx_or_socket, socket_type, shadow=shadow, copy_threshold=copy_threshold)  # type: ignore[call-overload,misc]
         self.__dict__["_zf_type"] = int(self.type)
-        if origin is not None and self.context is None:
+        if origin is not None:
             self.context = origin.context
+        else:
+            own_handle(self, _HANDLE.__get__(self))
         adopt(self)
 
     def _zf_init(
@@ -142,30 +147,34 @@ class Socket(zmq.Socket[_RecvT_co]):
 
     def _zf_revive(self) -> None:
         token = notice()
-        if self._zf_failure is not None:
-            raise self._zf_failure
+        failure = self._zf_failure
+        if failure is not None and failure[0] == token:
+            raise failure[1]
         with generation_lock(token):
             if self._zf_gen != token:
                 self._zf_rebuild(token)
 
     def _zf_rebuild(self, token: int) -> None:
         self._zf_mark_inherited()
-        if self._zf_closed or self._zf_on_fork == "close":
+        self.__dict__["_zf_failure"] = None  # a failure of an earlier generation is tried again here
+        origin = self._zf_origin
+        if origin is not None:
+            origin._zf_live()
+            if not origin._zf_closed:
+                _BackendSocket.__init__(self, shadow=_HANDLE.__get__(origin))
+                self.context = origin.context
+        elif not (self._zf_closed or self._zf_on_fork == "close"):
+            self._zf_build(token)
+            if self._zf_gen == token:  # rebuilt meanwhile, by a log handler that uses it
+                return
+        if self._zf_closed or self._zf_on_fork == "close" or (origin is not None and origin._zf_closed):
             # Stays marked: every call raises what a closed pyzmq socket raises.
             self.__dict__.update(_zf_closed=True, _zf_gen=token)
             _log.debug("zmqfork: %r closed in forked child (on_fork=%r)", self, self._zf_on_fork)
             return
-        origin = self._zf_origin
-        if origin is not None:
-            origin._zf_live()
-            if origin._zf_closed:
-                self.__dict__.update(_zf_closed=True, _zf_gen=token)
-                return
-            _BackendSocket.__init__(self, shadow=_HANDLE.__get__(origin))
-            self.context = origin.context
-        else:
-            self._zf_build(token)
         self.__dict__["_zf_gen"] = token
+        if origin is None:
+            own_handle(self, _HANDLE.__get__(self))
         self._zf_after_rebuild()
         _log.debug("zmqfork: rebuilt %r in forked child from %r", self, self._zf_recipe)
 
@@ -174,37 +183,46 @@ class Socket(zmq.Socket[_RecvT_co]):
         recipe = self._zf_recipe
         if recipe is None:
             self._zf_fail(
+                token,
                 zmq.ZMQError(
                     errno.ENOTSUP,
                     "this socket shadows a libzmq socket that zmqfork does not own; it cannot be "
                     "rebuilt in a forked child: shadow a zmqfork socket, or create it after the fork",
-                )
+                ),
             )
             return
         rebind = self._zf_on_fork == "rebind"
         bound = recipe.bound_endpoints()
         if bound and not rebind:
-            self._zf_fail(InheritedBindError(bound))
+            self._zf_fail(token, InheritedBindError(bound))
         context: Context = self.context  # type: ignore[assignment]  # a zmqfork socket's context is zmqfork's
-        context._zf_live()
+        context._zf_live()  # may run user code (a log handler) that uses this very socket
+        if context._zf_terminated:
+            self._zf_fail(token, zmq.ContextTerminated())
+        if self._zf_closed or self._zf_gen == token:  # closed, or rebuilt, meanwhile
+            return
         _BackendSocket.__init__(self, context, self._zf_type, copy_threshold=self.copy_threshold)
         try:
             recipe.replay(self, rebind=rebind)
         except RebuildError as exc:
             _BackendSocket.close(self, linger=0)
-            self._zf_fail(exc)
+            self._zf_fail(token, exc)
 
     def _zf_after_rebuild(self) -> None:
         """Reset per-process state layered on the libzmq socket (zmqfork.asyncio resets its loop state)."""
 
-    def _zf_fail(self, error: zmq.ZMQError) -> None:
-        """Make every later call raise ``error`` (until close), and raise it now."""
-        self.__dict__["_zf_failure"] = error
+    def _zf_fail(self, token: int, error: zmq.ZMQError) -> None:
+        """Make every later call in generation ``token`` raise ``error`` (until close), and raise it now."""
+        self.__dict__["_zf_failure"] = (token, error)
         raise error
 
     def _zf_mark_inherited(self) -> None:
-        """Make pyzmq treat the inherited libzmq socket as closed, without calling libzmq."""
-        _CLOSED_FLAG.__set__(self, True)
+        """Make pyzmq treat the inherited libzmq socket as closed and forget its handle, without calling libzmq.
+
+        pyzmq's compiled functions (zmq_poll, proxy) read the handle directly:
+        with NULL they get what a closed pyzmq socket gives them.
+        """
+        forget_handle(self)
 
     # ---- the hot path ------------------------------------------------------
     # The fork check is inline (see zmqfork._generation); a socket marked
@@ -376,6 +394,18 @@ class Socket(zmq.Socket[_RecvT_co]):
             super().__del__()
 
 
+def forget_handle(sock: zmq.Socket[Any]) -> None:
+    """Mark a pyzmq socket closed and set its handle to NULL, without calling libzmq."""
+    _CLOSED_FLAG.__set__(sock, True)
+    if _HANDLE.__get__(sock):
+        context, threshold = sock.context, sock.copy_threshold
+        try:  # pyzmq's __init__ sets the handle to NULL first, then refuses: no context given
+            _BackendSocket.__init__(sock)
+        except TypeError:
+            pass
+        sock.context, sock.copy_threshold = context, threshold
+
+
 def _text(endpoint: Union[str, bytes]) -> str:
     """An endpoint as the recipe keeps it: pyzmq takes bytes too."""
     return endpoint.decode("utf-8", "replace") if isinstance(endpoint, bytes) else endpoint
@@ -383,5 +413,5 @@ def _text(endpoint: Union[str, bytes]) -> str:
 
 def _origin_of(shadow: Any) -> Optional[Socket[Any]]:
     """The zmqfork socket that ``shadow`` (a socket or an address) stands for, or None if it is foreign."""
-    origin: Optional[Socket[Any]] = origin_in_family(shadow, Socket, _HANDLE)
+    origin: Optional[Socket[Any]] = origin_in_family(shadow, Socket)
     return origin
