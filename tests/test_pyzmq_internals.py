@@ -1,0 +1,88 @@
+"""What zmqfork relies on in pyzmq's internals, checked against the installed pyzmq (every matrix cell runs it).
+
+zmqfork's classes subclass pyzmq's and re-initialise them in place; these are
+the behaviours of pyzmq's compiled backend and Python layer that make that
+possible.  If a pyzmq release changes one, this file says which.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import zmq
+import zmq.asyncio
+import zmq.sugar.poll
+from zmq.backend import Context as BackendContext
+from zmq.backend import Socket as BackendSocket
+
+import zmqfork  # noqa: F401  - its import wraps pyzmq's compiled functions
+
+
+@pytest.fixture
+def plain() -> Any:
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def test_the_backends_init_can_run_again_on_the_same_object(plain: zmq.Context[Any]) -> None:
+    """Socket.__init__ and Context.__init__ of the compiled backend, run again, give the object a new libzmq object."""
+    sock = plain.socket(zmq.PUSH)
+    first = sock.underlying
+    BackendSocket.__init__(sock, plain, zmq.PUSH)
+    assert sock.underlying not in (0, first) and not sock.closed
+    sock.close()
+    ctx = zmq.Context()
+    before = ctx.underlying
+    BackendContext.__init__(ctx, 1)
+    assert ctx.underlying not in (0, before)
+    ctx.term()
+
+
+def test_the_closed_flags_are_writable_members_the_compiled_methods_obey(plain: zmq.Context[Any]) -> None:
+    """``_closed`` (sockets) and ``closed`` (contexts) are set without libzmq, and the compiled methods refuse then."""
+    sock = plain.socket(zmq.PUSH)
+    BackendSocket.__dict__["_closed"].__set__(sock, True)
+    with pytest.raises(zmq.ZMQError) as info:
+        BackendSocket.send(sock, b"x")
+    assert info.value.errno == zmq.ENOTSOCK
+    BackendSocket.__dict__["_closed"].__set__(sock, False)
+    sock.close()
+    ctx = zmq.Context()
+    BackendContext.__dict__["closed"].__set__(ctx, True)
+    BackendContext.__dict__["closed"].__set__(ctx, False)
+    ctx.term()
+
+
+def test_the_backends_socket_init_forgets_the_handle_before_it_refuses(plain: zmq.Context[Any]) -> None:
+    """Socket.__init__ with no context sets the handle to NULL, then raises TypeError, before any libzmq call."""
+    sock = plain.socket(zmq.PUSH)
+    handle = sock.underlying
+    with pytest.raises(TypeError):
+        BackendSocket.__init__(sock)
+    assert sock.underlying == 0
+    reopened = zmq.Socket.shadow(handle)  # the libzmq socket itself is untouched
+    reopened.close()
+
+
+def test_terminating_a_closed_context_only_forgets_its_handle() -> None:
+    """Context.term() on a context whose closed flag is set calls no zmq_ctx_destroy and sets the handle to NULL."""
+    ctx = zmq.Context()
+    handle = ctx.underlying
+    BackendContext.__dict__["closed"].__set__(ctx, True)
+    BackendContext.term(ctx)
+    assert ctx.underlying == 0
+    zmq.Context.shadow(handle).term()  # still alive: terminated here for real
+
+
+def test_the_python_layer_hooks_zmqfork_uses() -> None:
+    """pyzmq's repr names _repr_cls; its Poller finds zmq_poll as a module global; awaitable sockets queue through two methods."""
+    assert "_repr_cls" in inspect.getsource(zmq.Socket.__repr__)
+    assert "_repr_cls" in inspect.getsource(zmq.Context.__repr__)
+    assert hasattr(zmq.sugar.poll.zmq_poll, "__wrapped__"), "zmqfork's fork-aware zmq_poll is where Poller looks"
+    for name in ("_add_recv_event", "_add_send_event", "_shadow_sock"):
+        assert name in inspect.getsource(zmq._future._AsyncSocket), name
+    for name in ("_recv_futures", "_send_futures", "_state", "_fd", "_current_loop"):
+        assert name in inspect.getsource(zmq._future._AsyncSocket.__init__) or hasattr(zmq._future._AsyncSocket, name)
