@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import importlib.util
 import json
 import os
 import platform
@@ -32,7 +33,7 @@ import sys
 import threading
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import pytest
 
@@ -128,24 +129,66 @@ def test_gunicorn_sync_workers_with_preload(sink: Sink, tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "gunicorn", "--preload", "--workers", str(WORKERS), "--worker-class", "sync",
             "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "10", "--timeout", str(int(TIMEOUT * 2)),
             "gunicorn_app:application"]
+
+    def request(tags: Sequence[str]) -> Callable[[List[str]], None]:
+        started = _requests_in_parallel(f"http://127.0.0.1:{port}", tags)
+
+        def answered_as_reported(held: List[str]) -> None:
+            assert sorted(_joined(started, log)) == sorted(held)
+
+        return answered_as_reported
+
     with running(argv, sink.env, log) as proc:
-        master = _master_started(sink, proc.pid, log)
-        workers = _all_workers_up(master, log)
-        answered: List[str] = []
-        reported: List[str] = []
-        for round_number in range(ROUNDS):
-            tags = [f"request-{round_number}-{i}" for i in range(WORKERS)]
-            answers = _requests_in_parallel(f"http://127.0.0.1:{port}", tags)
-            held = sink.hold_one_round(log)
-            answered.extend(_joined(answers, log))
-            reported.extend(held)
-            assert {int(message.split()[0]) for message in held} == workers, (held, workers)
-        for _ in range(WORKERS * ROUNDS):
-            reported_on_push = sink.receive("report of a request", log)
-            assert reported_on_push in answered, (reported_on_push, answered)
-            answered.remove(reported_on_push)
-        assert not answered, f"requests answered but never reported on the PUSH: {answered}"
-        _assert_no_worker_holds_libzmq_descriptors(sink, master, workers)
+        _every_worker_reports(sink, proc.pid, log, request)
+
+
+def test_celery_prefork_pool(sink: Sink, tmp_path: Path) -> None:
+    """Celery's prefork pool (3 processes), filesystem transport: each pool process's tasks arrive on the master's PUSH, none holds its libzmq descriptors."""
+    queue = tmp_path / "celery"
+    for folder in ("queue", "processed"):
+        (queue / folder).mkdir(parents=True)
+    env = {**sink.env, "ZMQFORK_HOST_QUEUE": str(queue)}
+    log = tmp_path / "celery.log"
+    argv = [sys.executable, "-m", "celery", "-A", "celery_tasks", "worker", "--pool=prefork",
+            f"--concurrency={WORKERS}", "-O", "fair", "--without-gossip", "--without-mingle",
+            "--without-heartbeat", "--loglevel=INFO"]
+    spec = importlib.util.spec_from_file_location("celery_app", HOSTS / "celery_app.py")
+    assert spec is not None and spec.loader is not None
+    celery_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(celery_app)
+    app = celery_app.make_app(str(queue))  # the worker's configuration, without its task module
+
+    def send(tags: Sequence[str]) -> Callable[[List[str]], None]:
+        for tag in tags:
+            app.send_task(celery_app.TASK, args=(tag,))
+        return lambda held: None
+
+    with running(argv, env, log) as proc:
+        _every_worker_reports(sink, proc.pid, log, send)
+
+
+def _every_worker_reports(sink: Sink, pid: int, log: Path, submit: Callable[[Sequence[str]], Callable[[List[str]], None]]) -> None:
+    """ROUNDS times, ``submit`` one job per worker and hold them all at once; then check reports and descriptors.
+
+    ``submit(tags)`` starts the jobs and returns a check to run on what the
+    held workers said, once they are let go.
+    """
+    master = _master_started(sink, pid, log)
+    workers = _all_workers_up(master, log)
+    held_in_all: List[str] = []
+    for round_number in range(ROUNDS):
+        tags = [f"job-{round_number}-{i}" for i in range(WORKERS)]
+        check = submit(tags)
+        held = sink.hold_one_round(log)
+        check(held)
+        # One job in each worker at once: every worker, each with its own pid.
+        assert {int(message.split()[0]) for message in held} == workers, (held, workers)
+        assert sorted(message.split()[1] for message in held) == tags, held
+        held_in_all.extend(held)
+    reported = [sink.receive("report of a job", log) for _ in held_in_all]
+    assert sorted(reported) == sorted(held_in_all)
+    assert not sink.pull.poll(0), f"an unexpected report: {sink.pull.recv_string()!r}"
+    _assert_no_worker_holds_libzmq_descriptors(master, workers)
 
 
 def _master_started(sink: Sink, pid: int, log: Path) -> Dict[str, object]:
@@ -231,7 +274,7 @@ def _fd_links(pid: int) -> Dict[int, str]:
     return found
 
 
-def _assert_no_worker_holds_libzmq_descriptors(sink: Sink, master: Dict[str, object], workers: Set[int]) -> None:
+def _assert_no_worker_holds_libzmq_descriptors(master: Dict[str, object], workers: Set[int]) -> None:
     """No worker has any of the master's libzmq descriptors open (kcmp), nor any of its libzmq sockets (inode)."""
     master_pid = int(master["pid"])  # type: ignore[call-overload]
     recorded = {int(fd): link for fd, link in master["fds"].items()}  # type: ignore[union-attr]
