@@ -145,7 +145,7 @@ def test_gunicorn_sync_workers_with_preload(sink: Sink, tmp_path: Path) -> None:
 def test_celery_prefork_pool(sink: Sink, tmp_path: Path) -> None:
     """Celery's prefork pool (3 processes), filesystem transport: each pool process's tasks arrive on the master's PUSH, none holds its libzmq descriptors."""
     queue = tmp_path / "celery"
-    for folder in ("queue", "processed"):
+    for folder in ("queue", "processed", "control"):
         (queue / folder).mkdir(parents=True)
     env = {**sink.env, "ZMQFORK_HOST_QUEUE": str(queue)}
     log = tmp_path / "celery.log"

@@ -26,6 +26,7 @@ def make_app(folder: str) -> Celery:
             "data_folder_in": os.path.join(folder, "queue"),
             "data_folder_out": os.path.join(folder, "queue"),
             "processed_folder": os.path.join(folder, "processed"),
+            "control_folder": os.path.join(folder, "control"),  # else "control/" in the current directory
             "polling_interval": 0.05,
         },
         broker_connection_retry_on_startup=True,
