@@ -1,7 +1,7 @@
 """Real prefork hosts, run as users run them: gunicorn's sync workers with --preload, Celery's prefork pool.
 
 Each host imports an application module (``tests/hosts/``) once, in its
-master, which makes zmqfork sockets there (``hosts/master.py``), and then
+master, which makes zmqfork sockets there (``hosts/host_sockets.py``), and then
 forks its workers.  The test binds the other ends, keeps one request or task
 in every worker at once (each waits on its REQ until the test lets it go), and
 checks that:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import warnings
 from typing import Iterator, List, Tuple
 
 import pytest
 
 import zmqfork
-from forking import FORK_KINDS, run_in_child
+from forking import FORK_KINDS, run_in_child, run_session
 from reliability import wait_other_threads_idle, wait_until
 from zmqfork._threads import is_libzmq_thread_name
 
@@ -70,11 +69,16 @@ def test_lists_the_applications_threads_not_libzmqs_nor_the_caller(
 
 def test_from_another_thread_the_main_thread_is_listed(libzmq_running: zmqfork.Context) -> None:
     """Called from a thread, the list holds the main thread (under its Python name) and not the caller."""
-    seen: List[object] = []
-    caller = threading.Thread(target=lambda: seen.append(zmqfork.foreign_threads()), name="asker")
+    seen: List[Tuple[int, Tuple[zmqfork.ForeignThread, ...]]] = []
+    caller = threading.Thread(
+        target=lambda: seen.append((threading.get_native_id(), zmqfork.foreign_threads())), name="asker"
+    )
     caller.start()
     caller.join(10)
-    assert seen and seen[0] == (zmqfork.ForeignThread(threading.main_thread().native_id, "MainThread"),), seen
+    assert seen, "the asking thread did not finish"
+    caller_tid, listed = seen[0]
+    assert zmqfork.ForeignThread(threading.main_thread().native_id, "MainThread") in listed
+    assert caller_tid not in {thread.tid for thread in listed}
 
 
 @pytest.mark.parametrize("kind", FORK_KINDS)
@@ -110,18 +114,34 @@ def test_a_forked_child_lists_its_own_threads(
     assert own_listed, with_own
 
 
-def test_python_fork_warning_is_about_libzmqs_threads_alone(libzmq_running: zmqfork.Context) -> None:
-    """With only libzmq's threads besides the caller, nothing is listed; Python 3.12+ still warns at os.fork()."""
-    assert zmqfork.foreign_threads() == ()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pid = os.fork()
-        if pid == 0:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    warned = any("multi-threaded" in str(warning.message) for warning in caught)
-    assert warned == (sys.version_info >= (3, 12)), [str(warning.message) for warning in caught]
+WARNING_PROBE = """
+import os, sys, time, warnings
+import zmqfork
+
+ctx = zmqfork.Context()
+sock = ctx.socket(zmqfork.PUSH)  # starts libzmq's I/O and reaper threads
+deadline = time.monotonic() + 10
+while sum(open(f"/proc/self/task/{t}/comm").read().startswith("ZMQbg/") for t in os.listdir("/proc/self/task")) < 2:
+    assert time.monotonic() < deadline, "libzmq's threads did not name themselves"
+    time.sleep(0.01)
+listed = zmqfork.foreign_threads()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+os.waitpid(pid, 0)
+print(repr(listed), any("multi-threaded" in str(w.message) for w in caught))
+sock.close(linger=0)
+ctx.term()
+"""
+
+
+def test_python_fork_warning_is_about_libzmqs_threads_alone() -> None:
+    """A fresh program with a zmqfork socket: nothing listed, yet Python 3.12+ warns at os.fork() (libzmq's threads)."""
+    status, out, err = run_session([sys.executable, "-c", WARNING_PROBE], timeout=60)
+    assert status == 0, err
+    assert out.split() == ["()", str(sys.version_info >= (3, 12))], (out, err)
 
 
 @pytest.mark.parametrize(

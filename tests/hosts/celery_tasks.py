@@ -1,7 +1,7 @@
 """The module ``celery -A celery_tasks worker`` imports in its master: zmqfork sockets made at import.
 
 The task runs in a prefork pool process and reports there, on the master's
-PUSH, with its own pid (see ``master.MasterSockets.report``).
+PUSH, with its own pid (see ``host_sockets.MasterSockets.report``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from celery_app import TASK, make_app
-from master import MasterSockets
+from host_sockets import MasterSockets
 
 app = make_app(os.environ["ZMQFORK_HOST_QUEUE"])
 sockets = MasterSockets.from_environment()

@@ -2,14 +2,14 @@
 
 Every request is answered with ``"<worker pid> <request path>"``, and the same
 text is first sent on the master's PUSH from the worker that serves it
-(see ``master.MasterSockets.report``).
+(see ``host_sockets.MasterSockets.report``).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterable, List, Tuple
 
-from master import MasterSockets
+from host_sockets import MasterSockets
 
 sockets = MasterSockets.from_environment()
 
