@@ -118,6 +118,7 @@ def running(argv: Sequence[str], env: Dict[str, str], log: Path) -> Iterator["su
         proc.wait()
     assert not overran, f"{argv[2]} did not stop within {TIMEOUT}s of SIGTERM; log:\n{_tail(log)}"
     assert not group_left, f"{argv[2]} left processes of its group running; log:\n{_tail(log)}"
+    assert proc.returncode == 0, f"{argv[2]} exited with {proc.returncode} after SIGTERM; log:\n{_tail(log)}"
 
 
 def test_gunicorn_sync_workers_with_preload(sink: Sink, tmp_path: Path) -> None:
