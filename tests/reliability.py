@@ -15,6 +15,7 @@ from zmqfork._children import wait_for_other_threads_to_wait
 __all__ = [
     "EchoServer",
     "count",
+    "children_of",
     "descendants_of_me",
     "no_children_left",
     "open_fd_count",
@@ -34,7 +35,11 @@ def count(name: str, default: int) -> int:
 
 def descendants_of_me() -> Dict[int, str]:
     """Processes whose parent is this one (zombies included), with their state letter."""
-    me = os.getpid()
+    return children_of(os.getpid())
+
+
+def children_of(parent: int) -> Dict[int, str]:
+    """Processes whose parent is ``parent`` (zombies included), with their state letter."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -46,7 +51,7 @@ def descendants_of_me() -> Dict[int, str]:
             continue
         # The command name is in parentheses and may contain spaces: split after it.
         fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == me:
+        if int(fields[1]) == parent:
             found[int(entry)] = fields[0]
     return found
 

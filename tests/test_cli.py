@@ -36,6 +36,7 @@ def test_doctor_text_report() -> None:
     code, out, _ = run_cli("doctor")
     assert code == 0
     assert "wipe-on-fork page     on" in out and "hooked object" in out
+    assert "Other threads           none (libzmq's are covered)" in out
     assert out.rstrip().splitlines()[-1].startswith("OK: 10 passed, 0 failed, 0 skipped")
 
 

@@ -29,6 +29,7 @@ from zmqfork._afterfork import register_at_fork
 from zmqfork._generation import check_fork
 from zmqfork._policy import POLICIES
 from zmqfork._report import Detection, detection, generation
+from zmqfork._threads import ForeignThread, foreign_threads
 from zmqfork._version import __version__
 from zmqfork.context import Context as Context  # replaces pyzmq's at run time
 from zmqfork.errors import InheritedBindError, RebuildError
@@ -44,6 +45,8 @@ __all__ = [
     "Detection",
     "detection",
     "generation",
+    "ForeignThread",
+    "foreign_threads",
     "register_at_fork",
     "check_fork",
     "patch",

@@ -156,6 +156,9 @@ def _print_text(data: Dict[str, Any], out: TextIO) -> None:
         print(f"  hooked object         {det['fdtrack_object']}", file=out)
         print(f"  hooked functions      {', '.join(det['fdtrack_functions'])}", file=out)
         print(f"  descriptors tracked   {det['fds_tracked']}", file=out)
+    others = det["foreign_threads"]
+    listed = ", ".join(f"{tid} {name!r}" for tid, name in others) if others else "none (libzmq's are covered)"
+    print(f"\nOther threads           {listed}", file=out)
     print("\nSelf-test", file=out)
     for check in data["checks"]:
         print(f"  {check['fork']:<18} {check['name']:<12} {check['status'].upper():<5} {check['detail']}", file=out)

@@ -6,6 +6,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 from zmqfork import _descriptors, _native
 from zmqfork._generation import notice
+from zmqfork._threads import ForeignThread, foreign_threads
 
 __all__ = ["Detection", "detection", "generation"]
 
@@ -24,6 +25,10 @@ class Detection(NamedTuple):
     ``fds_closed``: closed in this process by the cleanup after the fork that
     made it; ``fds_closed_total``: by every cleanup in this process and its
     ancestors.
+
+    ``foreign_threads``: the threads of this process other than the caller and
+    libzmq's (``zmqfork.foreign_threads()``), whose state at a fork stays the
+    application's concern.
     """
 
     atfork: bool
@@ -35,6 +40,7 @@ class Detection(NamedTuple):
     fds_tracked: int = 0
     fds_closed: int = 0
     fds_closed_total: int = 0
+    foreign_threads: Tuple[ForeignThread, ...] = ()
 
 
 def detection() -> Detection:
@@ -54,6 +60,7 @@ def detection() -> Detection:
         fds_tracked=fds.tracked,
         fds_closed=fds.closed_last,
         fds_closed_total=fds.closed_total,
+        foreign_threads=foreign_threads(),
     )
 
 
