@@ -148,7 +148,7 @@ def build(target: Target, where: Path) -> Built:
 
     jobs: List[Callable[[], object]] = [
         partial(compile_with, cc, where / "archdriver", [DRIVER, *module_sources()], "-std=gnu11", f"-I{CSRC}",
-                "-ldl", "-pthread"),
+                "-fexceptions", "-ldl", "-pthread"),
         fake_backend,
     ]
     jobs += [
@@ -259,13 +259,12 @@ def test_got_patcher(built: Built, mode: str, order: str) -> None:
         "hook_object", "page_protections_restored", "status_untouched", *calls, "app_sockets_untracked",
         "table_is_exact", "fork_child_closed_exactly_tracked", "fork_child_table_empty", "fork_child_closed_count",
         "fork_child_app_pipe_works", "fork_child_tracks_new", "fork_child", "parent_after_fork",
-        "raw_clone_child_app_pipe_works", "raw_clone_child", "parent_after_raw_clone", "table_empty_after_close",
+        "raw_clone_child_app_pipe_works", "raw_clone_child_table", "raw_clone_child", "parent_after_raw_clone",
+        "table_empty_after_close",
         *(["call_first"] if order == "call-first" else []),
     )
-    # A raw clone child is cleaned up exactly when wipe-on-fork is in force (the driver checks which).
-    assert {"raw_clone_child_closed_exactly_tracked", "raw_clone_child_keeps_all_without_wipeonfork"} & set(
-        report.passed()
-    ), report.out
+    # A raw clone child catches up at its first hooked call, with or without wipe-on-fork ("raw_clone_child_table"
+    # above); every inherited descriptor is closed or, where a deferred cleanup cannot confirm it, counted.
 
 
 def test_fork_waits_for_call_in_its_window(built: Built) -> None:
@@ -283,6 +282,17 @@ def test_install_finds_libzmq_behind_backend(built: Built) -> None:
     report = built.run("install", str(built.so("backend.so")), str(built.so("libzmq.so.5")))
     report.assert_ok("install", "install_object", "install_functions", "install_tracks", "install_child_closed",
                      "install_child", "install_untracks")
+
+
+@pytest.mark.parametrize("strict", ["1", ""])
+def test_warnings_are_errors_only_when_asked(strict: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """csrc/build_native.py adds -Werror only with ZMQFORK_STRICT_BUILD=1 (CI, tests), so a user's install shows warnings and goes on."""
+    import runpy
+
+    monkeypatch.setenv("ZMQFORK_STRICT_BUILD", strict)
+    script = runpy.run_path(str(CSRC / "build_native.py"))
+    assert {"-Wall", "-Wextra"} <= set(script["compile_args"])
+    assert ("-Werror" in script["compile_args"]) == (strict == "1")
 
 
 def test_install_reports_missing_backend(built: Built) -> None:

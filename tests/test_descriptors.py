@@ -843,14 +843,15 @@ import ctypes, json, os, select, sys, threading, time
 from zmqfork import _native
 from forking import fork_with, wait_child
 
-path, which = sys.argv[1], sys.argv[2]
+path, which, delay = sys.argv[1], sys.argv[2], int(sys.argv[3])
 lib = ctypes.CDLL(path)
 assert _native.testing_fdtrack_hook_object(path) == _native.FDTRACK_ON
 victim = lib.t_eventfd(0, 0) if which == "close" else -1
 before = set(int(name) for name in os.listdir("/proc/self/fd"))
 r, w = os.pipe()
-_native.testing_fdtrack_delay(300_000)  # each hooked call sleeps 300 ms inside its window
-thread = threading.Thread(target=(lambda: lib.t_eventfd(0, 0)) if which == "create" else (lambda: lib.t_close(victim)))
+_native.testing_fdtrack_delay(delay)  # each hooked call sleeps this long inside its window
+thread = threading.Thread(target=(lambda: lib.t_eventfd(0, 0)) if which == "create" else (lambda: lib.t_close(victim)),
+                          daemon=True)
 thread.start()
 deadline = time.monotonic() + 10
 while _native.testing_fdtrack_in_window() == 0:
@@ -867,26 +868,43 @@ if pid == 0:
         except OSError:
             pass
     extra = {fd: target for fd, target in found.items() if fd not in before | {r, w}}
-    os.write(w, json.dumps({"extra": extra, "victim_open": victim in found}).encode())
+    os.write(w, json.dumps({"extra": extra, "victim_open": victim in found,
+                            "untracked": _native.fdtrack_counts()["untracked"]}).encode())
     os._exit(0)
 waited = time.monotonic() - started
+still_in_window = _native.testing_fdtrack_in_window() != 0
 _native.testing_fdtrack_delay(0)
 thread.join(10)
 os.close(w)
 select.select([r], [], [], 20)
 child = json.loads(os.read(r, 65536))
 assert wait_child(pid, 20) == 0
-print(json.dumps({"waited": waited, **child}))
+print(json.dumps({"waited": waited, "still_in_window": still_in_window, **child}), flush=True)
+os._exit(0)  # a call stuck in its window may still sleep in its thread
 """
 
 
 @pytest.mark.parametrize("which", ["create", "close"])
 def test_fork_waits_for_hooked_call_in_its_window(which: str, native_dir: Path) -> None:
-    """A fork while a hooked call sits between the real call and the table update waits for it; the child holds nothing of it."""
+    """A fork while a hooked call sits between the real call and the table update (40 ms, under the 100 ms bound) waits for it; the child holds nothing of it."""
     lib = compile_so(native_dir / "hooktarget-gate.so", [NATIVE / "hooktarget.c"])
-    result = last_json(run_python(GATE, str(lib), which))
-    assert result["waited"] > 0.1, "fork did not wait for the call in flight"  # type: ignore[index]
+    result = last_json(run_python(GATE, str(lib), which, "40000"))
     assert result["extra"] == {} and result["victim_open"] is False  # type: ignore[index]
+    assert result["untracked"] == 0  # type: ignore[index]
+
+
+@pytest.mark.parametrize("which", ["create", "close"])
+def test_fork_waits_no_longer_than_the_bound(which: str, native_dir: Path) -> None:
+    """A hooked call stuck in its window for 60 s does not hold a fork back (the wait is bounded): the fork returns while the call is still inside, and the child counts what the call may leave open as untracked."""
+    lib = compile_so(native_dir / "hooktarget-gate.so", [NATIVE / "hooktarget.c"])
+    # Without the bound the fork waits the full 60 s and the script overruns its 40 s.
+    result = last_json(run_python(GATE, str(lib), which, "60000000", timeout=40))
+    assert result["still_in_window"] is True  # type: ignore[index]
+    assert result["untracked"] >= 1  # type: ignore[index]
+    if which == "create":  # the eventfd was made before the fork and never tracked: left open, not closed
+        assert list(result["extra"].values()) == ["anon_inode:[eventfd]"]  # type: ignore[index]
+    else:  # the close had taken the number out of the table but not closed it yet
+        assert result["extra"] == {} and result["victim_open"] is True  # type: ignore[index]
 
 
 def test_finds_system_libzmq(native_dir: Path) -> None:
@@ -1201,15 +1219,14 @@ print(json.dumps({"slot": {wrapper: "wrapper", plain: "plain", foreign: "foreign
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="reads its GOT entry with x86_64 assembly")
 @pytest.mark.parametrize("writer", ["binder", "foreign"])
 def test_fork_handlers_repair_only_the_binders_writes(writer: str, native_dir: Path) -> None:
-    """A watched close() slot that gets its pre-patch value back (the lazy binder) is repaired and the table forgotten; another library's hook there is left alone."""
+    """A watched close() slot that gets its pre-patch value back (the lazy binder) is repaired and the table forgotten; another library's hook there is left alone, and the table forgotten too."""
     lib = compile_so(
         native_dir / "hooktarget-gotslot.so", [NATIVE / "hooktarget.c", NATIVE / "gotslot.c"], *RELRO_MODES["noplt-lazy"]
     )
     result = last_json(run_python(OVERWRITE, str(lib), writer))
-    if writer == "binder":  # the fd may have been closed and reused through the plain close: forgotten, not closed
-        assert result == {"slot": "wrapper", "still_tracked": False, "child_sees_fd": True}
-    else:
-        assert result == {"slot": "foreign", "still_tracked": True, "child_sees_fd": False}
+    # The fd may have been closed and reused through the plain close (or the foreign hook, which may not chain to
+    # the wrapper): forgotten, not closed.  Only the binder's write is repaired.
+    assert result == {"slot": "wrapper" if writer == "binder" else "foreign", "still_tracked": False, "child_sees_fd": True}
 
 
 LAZYSLOT = r"""
@@ -1244,7 +1261,7 @@ print(json.dumps({"slot": {wrapper: "wrapper", plain: "plain", foreign: "foreign
 
 @pytest.mark.parametrize("writer", ["binder", "foreign"])
 def test_fork_handlers_leave_a_foreign_hook_on_a_lazy_slot(writer: str, native_dir: Path) -> None:
-    """A close() slot still unresolved (lazy PLT) when patched: the binder's value there is repaired and the table forgotten; another library's later hook is left alone and the table kept."""
+    """A close() slot still unresolved (lazy PLT) when patched: the binder's value there is repaired and the table forgotten; another library's later hook is left alone and the table forgotten too (close() calls may bypass the wrapper)."""
     if os.environ.get("LD_BIND_NOW"):
         pytest.skip("LD_BIND_NOW: nothing is bound lazily")
     lib = compile_so(
@@ -1253,10 +1270,9 @@ def test_fork_handlers_leave_a_foreign_hook_on_a_lazy_slot(writer: str, native_d
     result = last_json(run_python(LAZYSLOT, str(lib), writer))
     if "skip" in result:  # type: ignore[operator]
         pytest.skip(result["skip"])  # type: ignore[index]
-    if writer == "binder":
-        assert result == {"slot": "wrapper", "still_tracked": False, "child_sees_fd": True}
-    else:
-        assert result == {"slot": "foreign", "still_tracked": True, "child_sees_fd": False}
+    # The fd may have been closed and reused through the plain close (or the foreign hook, which may not chain to
+    # the wrapper): forgotten, not closed.  Only the binder's write is repaired.
+    assert result == {"slot": "wrapper" if writer == "binder" else "foreign", "still_tracked": False, "child_sees_fd": True}
 
 
 GATEFORK = r"""
@@ -1335,3 +1351,96 @@ def test_raw_fork_from_signal_handler_waiting_at_closed_gate(native_dir: Path) -
         pytest.skip(result["skip"])  # type: ignore[index]
     assert result["during_window"] is True, "the held close left before the fork: the test proves nothing"  # type: ignore[index]
     assert result == {"during_window": True, "report": "O", "child": "exit 0", "parent_threads_done": True}
+
+
+# ---- the child never closes what is not, at that moment, libzmq's ----------------------------
+
+PROGRAMS = TESTS / "programs"
+
+
+def run_program(name: str, *args: str, env: Optional[Dict[str, str]] = None, timeout: float = 60.0) -> object:
+    """Run tests/programs/``name`` in a fresh interpreter (own session); the JSON on its last stdout line."""
+    return last_json(run_python((PROGRAMS / name).read_text(), *args, env=env, timeout=timeout))
+
+
+@pytest.mark.parametrize("parent", ["alive", "gone"])
+def test_raw_fork_child_reopening_inherited_numbers_keeps_its_files(parent: str) -> None:
+    """A raw-fork child that closes what it inherited and opens files, sockets, eventfds, epolls and pipes on libzmq's numbers keeps all of them working through its first zmqfork call (the deferred cleanup), whether its parent is still alive (kcmp) or gone (prints only)."""
+    result = run_program("raw_fork_reuse.py", parent)
+    assert result["covered"], "the child reused none of libzmq's numbers: the test proves nothing"  # type: ignore[index]
+    assert result["broken"] == []  # type: ignore[index]
+    assert result["generation_changed"] is True  # type: ignore[index]
+
+
+def test_non_chaining_foreign_close_hook_in_relro() -> None:
+    """Another library's close() hook in a RELRO GOT page that does not chain to the wrapper: the table is forgotten, and the application's eventfd that got a stale number back survives in the child."""
+    with tempfile.TemporaryDirectory(prefix="zmqfork-foreign-") as where:
+        lib = compile_so(
+            Path(where) / "hooktarget-foreign.so",
+            [NATIVE / "hooktarget.c", NATIVE / "gotslot.c", NATIVE / "foreignclose.c"],
+            *RELRO_MODES["noplt"], "-ldl",
+        )
+        if platform.machine() != "x86_64":
+            pytest.skip("gotslot.c finds the GOT entry with x86_64 assembly")
+        assert "GNU_RELRO" in readelf("-lW", str(lib))
+        result = run_program("foreign_close.py", str(lib))
+    assert result["stale_in_parent"] is True, "the foreign close went through the wrapper: proves nothing"  # type: ignore[index]
+    assert result["works"] is True  # type: ignore[index]
+    assert result["untracked"] >= 1  # type: ignore[index]
+
+
+@pytest.mark.parametrize("kind", ["os", "libc", "raw"])
+def test_dup2_onto_a_tracked_number(kind: str, native_dir: Path) -> None:
+    """The application dup2()s its own file onto a number the hooked object's socket held: a child (every fork kind) keeps the file."""
+    lib = compile_so(native_dir / "hooktarget-dup2.so", [NATIVE / "hooktarget.c"])
+    result = run_program("dup2_takeover.py", str(lib), kind)
+    assert result == {"child_reads": "mine", "still_listed": True}
+
+
+def test_fork_returns_while_io_thread_waits_in_blocking_accept() -> None:
+    """A libzmq I/O thread waiting in accept4() on a blocking ZMQ_USE_FD listener does not hold os.fork() back, and the child works."""
+    result = run_program("blocking_listener.py", timeout=90)
+    assert result == {"child": "ok", "io_thread_still_in_accept4": True}
+
+
+def test_raw_fork_without_wipeonfork_during_hooked_call(native_dir: Path) -> None:
+    """Without wipe-on-fork, a raw fork while a thread is inside a hooked call: the child's first hooked call cleans the inherited table (getpid tells), counts the call in flight, and the child can fork again."""
+    lib = compile_so(native_dir / "hooktarget-nowipe.so", [NATIVE / "hooktarget.c"])
+    result = run_program("nowipe_raw_fork.py", str(lib), env={"ZMQFORK_DISABLE": "wipeonfork"})
+    assert result == {"closed": 3, "untracked": 1, "tracked": 1, "own_tracked": True, "still_open": [],
+                      "grandchild": "ok"}
+
+
+def test_cancelled_hooked_call_leaves_the_gate(native_dir: Path) -> None:
+    """A thread cancelled inside a hooked close() leaves the fork gate: the next fork finds no call in flight."""
+    lib = compile_so(native_dir / "hooktarget-cancel.so", [NATIVE / "hooktarget.c", NATIVE / "cancelcall.c"],
+                     "-pthread")
+    result = run_program("cancel_in_call.py", str(lib))
+    assert result == {"cancelled": 1, "in_window": 0, "in_flight_at_fork": 0}
+
+
+def test_overflow_slots_hold_no_duplicates(native_dir: Path) -> None:
+    """A number beyond the bitmap tracked twice (dup2 onto it again) leaves the table when closed once."""
+    lib = compile_so(native_dir / "hooktarget-overflow.so", [NATIVE / "hooktarget.c"])
+    result = run_program("overflow_dedupe.py", str(lib), env={"ZMQFORK_DISABLE": "fdtrack"})
+    assert result == {"still_tracked": False, "tracked_delta": 0}
+
+
+def test_detection_carries_every_descriptor_counter() -> None:
+    """Every counter of the C struct reaches detection() under its documented name, untracked included."""
+    from zmqfork._report import COUNTER_FIELDS
+
+    assert tuple(COUNTER_FIELDS) == _native.FDTRACK_COUNTERS
+    found = zmqfork.detection()._asdict()
+    counts = _native.fdtrack_counts()
+    assert {field: found[field] for field in COUNTER_FIELDS.values()} == {
+        field: counts[counter] for counter, field in COUNTER_FIELDS.items()
+    }
+
+
+@pytest.mark.parametrize("holder, expected", [("parent", "taken"), ("child", "busy")])
+def test_deferred_mutex_reset_spares_a_live_holder(holder: str, expected: str) -> None:
+    """After a raw fork, the first zmqfork call resets a guarded mutex a parent thread held, but not one a thread of the child holds."""
+    if "wipeonfork" not in _native.mechanisms():
+        pytest.skip("a raw fork is detected only with wipe-on-fork")
+    assert run_program("mutex_refresh.py", holder) == {"main_thread": expected}

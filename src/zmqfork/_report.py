@@ -7,7 +7,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 from zmqfork import _descriptors, _native
 from zmqfork._generation import current_token
 
-__all__ = ["Detection", "detection", "generation"]
+__all__ = ["COUNTER_FIELDS", "Detection", "detection", "generation"]
 
 
 class Detection(NamedTuple):
@@ -23,7 +23,8 @@ class Detection(NamedTuple):
     hooked in it).  ``fds_tracked``: descriptors libzmq owns now;
     ``fds_closed``: closed in this process by the cleanup after the fork that
     made it; ``fds_closed_total``: by every cleanup in this process and its
-    ancestors.
+    ancestors; ``fds_untracked``: libzmq's descriptors that may survive into a
+    child (see ``zmqfork._descriptors.DescriptorTracking.untracked``).
     """
 
     atfork: bool
@@ -35,6 +36,16 @@ class Detection(NamedTuple):
     fds_tracked: int = 0
     fds_closed: int = 0
     fds_closed_total: int = 0
+    fds_untracked: int = 0
+
+
+#: Each descriptor counter (zmqfork_fdtrack_counts in csrc/zmqfork.h) and its Detection field.
+COUNTER_FIELDS: Dict[str, str] = {
+    "tracked": "fds_tracked",
+    "closed_last": "fds_closed",
+    "closed_total": "fds_closed_total",
+    "untracked": "fds_untracked",
+}
 
 
 def detection() -> Detection:
@@ -51,9 +62,7 @@ def detection() -> Detection:
         fdtrack=fds.on,
         fdtrack_object=fds.object,
         fdtrack_functions=fds.functions,
-        fds_tracked=fds.tracked,
-        fds_closed=fds.closed_last,
-        fds_closed_total=fds.closed_total,
+        **{field: getattr(fds, counter) for counter, field in COUNTER_FIELDS.items()},
     )
 
 
