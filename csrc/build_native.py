@@ -16,7 +16,16 @@ HERE = Path(__file__).resolve().parent
 
 # Build choices, in one place.
 MODULE_NAME = "zmqfork._native_c"
-SOURCES = ["forkdetect.c", "fdtrack.c", "elfhook.c", "mutexguard.c"]
+SOURCES = [
+    "forkdetect.c",
+    "fdtrack_table.c",
+    "fdtrack_gate.c",
+    "fdtrack_hooks.c",
+    "fdtrack_install.c",
+    "fdtrack_stubs.c",
+    "elfhook.c",
+    "mutexguard.c",
+]
 #: Set to 1 by CI and the tests: warnings become errors.  A user's install
 #: shows them and goes on, so a new compiler's new warning cannot break it.
 STRICT_ENV = "ZMQFORK_STRICT_BUILD"
@@ -36,7 +45,7 @@ if STRICT_WARNINGS:
 csrc = HERE.relative_to(Path.cwd()) if HERE.is_relative_to(Path.cwd()) else HERE
 ffibuilder.set_source(
     MODULE_NAME,
-    '#include "zmqfork.h"\n',
+    '#include "zmqfork.h"\n#include "zmqfork_testing.h"\n',
     sources=[str(csrc / name) for name in SOURCES],
     include_dirs=[str(csrc)],
     extra_compile_args=compile_args,

@@ -6,7 +6,7 @@
 #define ZMQFORK_INTERNAL_H
 
 /*
- * Descriptor tracking's part of the fork handlers (fdtrack.c).  _prepare runs
+ * Descriptor tracking's part of the fork handlers (fdtrack_hooks.c).  _prepare runs
  * in the forking thread before fork, _parent after it in the parent, _child
  * after it in the child: inside the fork (deferred = 0, the atfork child
  * handler), or later, from zmqfork_refresh() after a fork that skipped the

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -282,6 +283,24 @@ def test_install_finds_libzmq_behind_backend(built: Built) -> None:
     report = built.run("install", str(built.so("backend.so")), str(built.so("libzmq.so.5")))
     report.assert_ok("install", "install_object", "install_functions", "install_tracks", "install_child_closed",
                      "install_child", "install_untracks")
+
+
+def _declarations(text: str) -> Dict[str, str]:
+    """Exported function declarations (zmqfork_ but not zmqfork__) in C text: name -> normalised declaration."""
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    found = {}
+    for match in re.finditer(r"([A-Za-z_][\w \t\*]*?\b(zmqfork_(?!_)\w+)\s*\([^;{]*\))\s*;", text):
+        found[match.group(2)] = " ".join(match.group(1).replace("*", " * ").split())
+    return found
+
+
+def test_cdef_mirrors_the_headers() -> None:
+    """csrc/cdef.h declares exactly the functions of zmqfork.h and zmqfork_testing.h, with the same signatures, and the same counters struct."""
+    cdef = (CSRC / "cdef.h").read_text()
+    headers = (CSRC / "zmqfork.h").read_text() + (CSRC / "zmqfork_testing.h").read_text()
+    assert _declarations(cdef) == _declarations(headers)
+    struct = re.compile(r"struct zmqfork_fdtrack_counts \{([^}]*)\}")
+    assert struct.search(cdef).group(1).split() == struct.search(headers).group(1).split()  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("strict", ["1", ""])

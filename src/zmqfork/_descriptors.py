@@ -1,7 +1,7 @@
 """Closing libzmq's descriptors in a forked child: the hooks are installed when this module is imported.
 
 zmqfork interposes on the descriptor calls of the loaded libzmq (see
-``csrc/fdtrack.c``) and keeps a table of the descriptors it owns.  In a child,
+``csrc/fdtrack_hooks.c``) and keeps a table of the descriptors it owns.  In a child,
 before any other code runs, those descriptors are closed with ``close()``:
 the parent keeps its sockets, listeners and connections to itself, and the
 child's descriptor count does not grow with each generation.  Descriptors the

@@ -114,7 +114,7 @@ def mechanism_errors() -> dict[str, str | None]:
     }
 
 
-# ---- descriptor tracking (csrc/fdtrack.c) ------------------------------------
+# ---- descriptor tracking (csrc/fdtrack_*.c) ----------------------------------
 
 #: zmqfork_fdtrack_status() when the hooks are installed.
 FDTRACK_ON: int = lib.ZMQFORK_FDTRACK_ON

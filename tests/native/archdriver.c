@@ -36,6 +36,7 @@
  */
 #define _GNU_SOURCE
 #include "zmqfork.h"
+#include "zmqfork_testing.h"
 
 #include <dlfcn.h>
 #include <errno.h>
