@@ -282,7 +282,9 @@ static inline unsigned int gate_enter(void)
 {
     for (;;) {
         volatile uint64_t *token = __atomic_load_n(&zmqfork__gate_token_ptr, __ATOMIC_ACQUIRE);
-        if (__builtin_expect(*token != __atomic_load_n(&zmqfork__gate_table_token, __ATOMIC_RELAXED), 0))
+        if (__builtin_expect(__atomic_load_n(token, __ATOMIC_RELAXED) !=
+                                 __atomic_load_n(&zmqfork__gate_table_token, __ATOMIC_RELAXED),
+                             0))
             zmqfork__gate_catch_up();
         zmqfork__gate_depth++;
         __atomic_signal_fence(__ATOMIC_SEQ_CST);

@@ -76,7 +76,8 @@ static int table_is_ours(void)
 {
     if (pid_mode)
         return __atomic_load_n(&table_pid, __ATOMIC_ACQUIRE) == getpid();
-    return *zmqfork__gate_token_ptr == __atomic_load_n(&zmqfork__gate_table_token, __ATOMIC_ACQUIRE);
+    return __atomic_load_n(zmqfork__gate_token_ptr, __ATOMIC_SEQ_CST) ==
+           __atomic_load_n(&zmqfork__gate_table_token, __ATOMIC_ACQUIRE);
 }
 
 /*
@@ -96,7 +97,7 @@ __attribute__((noinline, cold)) void zmqfork__gate_catch_up(void)
     } else {
         uint64_t current = zmqfork_refresh(); /* its winner runs the cleanup */
         while (__atomic_load_n(&zmqfork__gate_table_token, __ATOMIC_ACQUIRE) != current &&
-               *zmqfork__gate_token_ptr == current)
+               __atomic_load_n(zmqfork__gate_token_ptr, __ATOMIC_SEQ_CST) == current)
             sched_yield();
     }
     errno = saved;
@@ -196,7 +197,7 @@ int zmqfork__gate_claim(void)
      * up): the table holds this process's descriptors now.  Only the token
      * moved on. */
     if (!pid_mode && claimed == self)
-        __atomic_store_n(&zmqfork__gate_table_token, *zmqfork__gate_token_ptr, __ATOMIC_RELEASE);
+        __atomic_store_n(&zmqfork__gate_table_token, __atomic_load_n(zmqfork__gate_token_ptr, __ATOMIC_SEQ_CST), __ATOMIC_RELEASE);
     return 0;
 }
 
@@ -231,7 +232,7 @@ void zmqfork__gate_publish(void)
 {
     /* Publish "the table is right for this process" last. */
     if (!pid_mode)
-        __atomic_store_n(&zmqfork__gate_table_token, *zmqfork__gate_token_ptr, __ATOMIC_RELEASE);
+        __atomic_store_n(&zmqfork__gate_table_token, __atomic_load_n(zmqfork__gate_token_ptr, __ATOMIC_SEQ_CST), __ATOMIC_RELEASE);
     __atomic_store_n(&table_pid, getpid(), __ATOMIC_RELEASE);
 }
 
