@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import pytest
 
 from forking import run_session
-from test_descriptors import RELRO_MODES
+from test_descriptors import RELOC_NAMES, RELRO_MODES, assert_built_as
 
 TESTS = Path(__file__).resolve().parent
 NATIVE = TESTS / "native"
@@ -72,8 +72,7 @@ def native_target() -> Target:
     """The host CPU with the host compiler."""
     cc = shutil.which("gcc") or shutil.which("cc")
     machine = platform.machine()
-    relocs = {"x86_64": ("R_X86_64_JUMP_SLOT", "R_X86_64_GLOB_DAT"),
-              "aarch64": ("R_AARCH64_JUMP_SLOT", "R_AARCH64_GLOB_DAT")}.get(machine)
+    relocs = RELOC_NAMES.get(machine)
     return Target("native", cc, relocs=relocs, missing=None if cc else "no C compiler (gcc or cc) on PATH")
 
 
@@ -93,7 +92,7 @@ def qemu_target(name: str, extra: Sequence[str] = ()) -> Target:
     ).stdout:
         missing = "this qemu-aarch64 has no -p option to emulate another page size"
     runner = (qemu or "qemu-aarch64", *extra, "-L", sysroot)
-    return Target(name, cc, runner, ("R_AARCH64_JUMP_SLOT", "R_AARCH64_GLOB_DAT"), missing, build="aarch64")
+    return Target(name, cc, runner, RELOC_NAMES["aarch64"], missing, build="aarch64")
 
 
 TARGETS: Dict[str, Target] = {
@@ -224,14 +223,7 @@ def test_objects_differ_as_claimed(built: Built, mode: str) -> None:
     """Each RELRO mode really yields its RELRO segment, binding and JUMP_SLOT or GLOB_DAT calls on this CPU."""
     if built.target.relocs is None:
         pytest.skip(f"relocation names of {platform.machine()} not listed")
-    lib = str(built.so(f"hooktarget-{mode}.so"))
-    assert ("GNU_RELRO" in readelf("-lW", lib)) == (mode in ("partial", "full", "noplt"))
-    dynamic = readelf("-dW", lib)
-    assert ("BIND_NOW" in dynamic or "FLAGS_1" in dynamic and "NOW" in dynamic) == (mode in ("full", "noplt"))
-    relocs = readelf("-rW", lib).splitlines()
-    kinds = {line.split()[2] for line in relocs if " socket@" in line or " socket +" in line}
-    jump_slot, glob_dat = built.target.relocs
-    assert kinds == ({glob_dat} if mode.startswith("noplt") else {jump_slot}), kinds
+    assert_built_as(str(built.so(f"hooktarget-{mode}.so")), mode, readelf, built.target.relocs)
 
 
 @pytest.mark.parametrize("flags", ["", "no-atfork", "no-wipeonfork"])

@@ -74,7 +74,8 @@ gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o "$work/asan_forksafe.so" tools/as
 gcc -O1 -pthread -Wall -Wextra -Werror -DASAN_FORKSAFE_SELFTEST -o "$work/asan_forksafe_selftest" tools/asan_forksafe.c
 
 module="$(ls "$work"/zmqfork/_native_c*.so)"
-if [[ "$(ldd "$module")" != *libasan* ]] || ! nm -D "$module" | grep -q " U __asan_report_load"; then
+# Whole outputs, not pipes into grep -q: grep stops at the first match, and pipefail would count nm's SIGPIPE.
+if [[ "$(ldd "$module")" != *libasan* ]] || [[ "$(nm -D "$module")" != *" U __asan_report_load"* ]]; then
     echo "sanitize: $module is not linked with libasan or not instrumented" >&2
     exit 1
 fi
