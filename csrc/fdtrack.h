@@ -18,8 +18,10 @@
  *     the table by mistake.
  *   - A tracked number carries the print of its file (st_dev, st_ino),
  *     stored before its bit is set; the cleanup closes a number only if it
- *     still shows that print, and, when deferred, only if it is a socket or
- *     kcmp() against the parent confirms it (see identify() and zmqfork.h).
+ *     still shows that print, and, when deferred, only if it is a socket,
+ *     kcmp() against the parent confirms it, or it is an eventfd or epoll
+ *     carrying libzmq's mark (see identify() in fdtrack_table.c, and the
+ *     INVARIANT in zmqfork.h).
  *   - The real call and its table update happen inside the *gate*; the
  *     prepare handler closes the gate and waits (at most GATE_WAIT_NS) until
  *     no call of another thread is inside, so in the child the table says
@@ -28,8 +30,8 @@
  *     The ordering of create/track and untrack/close makes every such
  *     inexactness a leak, never a wrong close.
  *
- * The gate: the count in `gate` is the calls inside; `pending` counts forks
- *   between their prepare and parent handlers.  A call increments the count,
+ * The gate: the count in `zmqfork__gate` is the calls inside; `pending`
+ *   counts forks between their prepare and parent handlers.  A call increments the count,
  *   then checks `pending`; if a fork is pending it backs out and sleeps on a
  *   futex until the parent handler reopens the gate, at most GATE_WAIT_NS
  *   (the forking thread's later prepare handlers may need what the waiting
