@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import socket
 import sys
 import tempfile
-import time
 
 import zmqfork
 from forking import fork_with, wait_child
@@ -41,12 +41,10 @@ def libzmq_descriptors(ctx: zmqfork.Context) -> list:
     return sorted(open_fds() - before - {max(before | open_fds()) + 1})
 
 
-def child(parent: int, mode: str, theirs: list, workdir: str) -> dict:
-    if mode == "gone":
-        deadline = time.monotonic() + 20
-        while os.getppid() == parent:
-            assert time.monotonic() < deadline, "the parent did not exit"
-            time.sleep(0.005)  # the parent's exit is the event; nothing else to wait on
+def child(mode: str, exited: int, theirs: list, workdir: str) -> dict:
+    if mode == "gone":  # the parent's exit closes the pipe's last write end: EOF here
+        ready, _, _ = select.select([exited], [], [], 20)
+        assert ready and os.read(exited, 1) == b"", "the parent did not exit"
     os.closerange(3, 65536)
     mine: dict = {}
     kinds = ["file", "socketpair", "eventfd", "epoll", "pipe"]
@@ -105,13 +103,16 @@ def main() -> None:
     mode = sys.argv[1]
     ctx = zmqfork.Context()
     theirs = libzmq_descriptors(ctx)
-    parent = os.getpid()
+    exited, alive = os.pipe()
     with tempfile.TemporaryDirectory() as workdir:
         pid = fork_with("raw")
         if pid == 0:
             code = 1
             try:
-                print(json.dumps(child(parent, mode, theirs, workdir)), flush=True)
+                os.close(alive)
+                print(json.dumps(child(mode, exited, theirs, workdir)), flush=True)
+                if mode == "gone":  # the parent left without removing it
+                    shutil.rmtree(workdir, ignore_errors=True)
                 code = 0
             finally:
                 os._exit(code)
