@@ -80,8 +80,8 @@ static void on_child(void)
     /* Advance the generation first, then publish it as the token. */
     __atomic_store_n(token, next_generation(), __ATOMIC_SEQ_CST);
     clear_noticed_flag();
-    zmqfork__mutexguard_child();
-    zmqfork__fdtrack_child();
+    zmqfork__mutexguard_child(0);
+    zmqfork__fdtrack_child(0);
     errno = saved;
 }
 
@@ -168,8 +168,9 @@ uint64_t zmqfork_refresh(void)
     if (__atomic_compare_exchange_n(token, &expected, fresh, 0,
                                     __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
         clear_noticed_flag();
-        zmqfork__mutexguard_child();
-        zmqfork__fdtrack_child();
+        /* Deferred: the child's own code (threads too) may have run since. */
+        zmqfork__mutexguard_child(1);
+        zmqfork__fdtrack_child(1);
         current = fresh;
     } else {
         current = expected;

@@ -6,25 +6,32 @@
 #define ZMQFORK_INTERNAL_H
 
 /*
- * Descriptor tracking's part of the fork handlers (fdtrack.c).  _prepare runs
+ * Descriptor tracking's part of the fork handlers (fdtrack_hooks.c).  _prepare runs
  * in the forking thread before fork, _parent after it in the parent, _child
- * after it in the child (also from zmqfork_refresh() after a fork that
- * skipped the handlers).  All three are async-signal-safe and leave errno
- * alone.  _prepare waits until no other thread is inside a hooked call; it
- * does not wait for the forking thread's own (a fork from a signal handler
- * that interrupted one).  _prepare and _child also put back wrappers the lazy
- * binder overwrote, forgetting the table if a close() slot was overwritten.
+ * after it in the child: inside the fork (deferred = 0, the atfork child
+ * handler), or later, from zmqfork_refresh() after a fork that skipped the
+ * handlers (deferred = 1).  All three are async-signal-safe and leave errno
+ * alone.  _prepare waits, at most 100 ms, until no other thread is inside a
+ * hooked call; it does not wait for the forking thread's own (a fork from a
+ * signal handler that interrupted one).  _prepare and _child also put back
+ * wrappers the lazy binder overwrote, forgetting the table if a close() slot
+ * held anything but the wrapper.  _child cleans at most once per process.
  */
 void zmqfork__fdtrack_prepare(void);
 void zmqfork__fdtrack_parent(void);
-void zmqfork__fdtrack_child(void);
+void zmqfork__fdtrack_child(int deferred);
 
 /*
  * Resets every mutex registered with zmqfork_guard_recursive_mutex() to a
- * fresh, unlocked state (mutexguard.c).  Called in the child only, where the
- * forking thread is the only thread.  Async-signal-safe (plain stores).
+ * fresh, unlocked state (mutexguard.c), in the child.  deferred = 0: inside
+ * the fork, where the forking thread is the only thread: every registered
+ * mutex is reset.  deferred = 1: later (zmqfork_refresh() after a fork that
+ * skipped the handlers), when the child may have started threads: only a
+ * mutex held by a thread that is not in this process is reset (glibc; with
+ * other C libraries nothing is reset then).  Async-signal-safe (plain stores,
+ * getpid, tgkill with signal 0).
  */
-void zmqfork__mutexguard_child(void);
+void zmqfork__mutexguard_child(int deferred);
 
 /*
  * ELF GOT patching (elfhook.c).  Linux only; elsewhere every function returns

@@ -3,7 +3,8 @@
  *
  * Contract: a mutex registered with zmqfork_guard_recursive_mutex() is reset
  * to a fresh, unlocked recursive mutex in every child, by the atfork child handler or, after a
- * fork that skipped the handlers, by zmqfork_refresh().  The child has only
+ * fork that skipped the handlers, by zmqfork_refresh() (then only if its holder
+ * is not a thread of the child: the child may have started threads by then).  The child has only
  * the forking thread, so a lock held at fork time by any other thread belongs
  * to nobody, and a child that takes it would wait forever.
  *
@@ -13,12 +14,15 @@
  * The last GUARD_SLOTS registrations are kept (pyzmq makes a new mutex each
  * time its collector restarts, once per process that uses zero-copy sends).
  */
+#define _GNU_SOURCE
 #include "zmqfork.h"
 #include "internal.h"
 
 #include <errno.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define GUARD_SLOTS 8
 
@@ -71,11 +75,33 @@ int zmqfork_guard_recursive_mutex(void *mutex)
     return 0;
 }
 
-void zmqfork__mutexguard_child(void)
+/*
+ * Whether a mutex may be reset while other threads of this process may be
+ * alive: only if it is held by a thread that is not one of them (one of the
+ * parent's, which does not exist here).  glibc keeps the holder's thread id in
+ * __data.__owner; tgkill() with signal 0 tells whether that thread is in this
+ * process.  Elsewhere the holder is not known, and nothing is reset.
+ */
+static int held_by_a_stranger(pthread_mutex_t *mutex)
 {
+#if defined(__GLIBC__) && defined(__linux__)
+    int owner = __atomic_load_n(&mutex->__data.__owner, __ATOMIC_SEQ_CST);
+    if (owner == 0)
+        return 0; /* unlocked */
+    return syscall(SYS_tgkill, (long)getpid(), (long)owner, 0L) != 0 && errno == ESRCH;
+#else
+    (void)mutex;
+    return 0;
+#endif
+}
+
+void zmqfork__mutexguard_child(int deferred)
+{
+    int saved = errno;
     for (int i = 0; i < GUARD_SLOTS; i++) {
         pthread_mutex_t *mutex = __atomic_load_n(&guarded[i], __ATOMIC_ACQUIRE);
-        if (mutex != NULL)
+        if (mutex != NULL && (!deferred || held_by_a_stranger(mutex)))
             reset(mutex);
     }
+    errno = saved;
 }

@@ -22,7 +22,8 @@
  *   the value you recorded, call zmqfork_refresh(), drop your per-process
  *   state and record the value zmqfork_refresh() returned.
  *
- * Descriptor tracking (Linux; fdtrack.c, elfhook.c)
+ * Descriptor tracking (Linux; fdtrack_*.c, elfhook.c; testing entry points in
+ *   zmqfork_testing.h)
  *   Declared below, after an overview; every function documents its own
  *   contract.
  *
@@ -97,21 +98,68 @@ int zmqfork_atfork_errno(void);
  * At install, the GOT of the loaded object that holds libzmq is rewritten so
  * that its calls to socket, accept, accept4, eventfd, epoll_create(1),
  * socketpair, pipe(2), dup(2,3), open (and glibc's open64/__open_2 forms) and
- * close go through wrappers that record which descriptors libzmq owns.  The
- * wrappers return exactly what the real call returns, with its errno.  In a
- * forked child the table's descriptors are closed with close() and nothing
- * else (the open file descriptions are shared with the parent), before any
- * other code of the child runs (atfork child handler), or, after a fork that
- * skipped the handlers, at the first zmqfork_refresh() or hooked call.
- * A fork waits for hooked calls in flight in other threads, not for one its
- * own thread is inside (a fork from a signal handler that interrupted it);
- * that call finishes in parent and child after the fork.
+ * close go through wrappers that record which descriptors libzmq owns, each
+ * with a *print*: the st_dev and st_ino fstat() gave when it was recorded.
+ * The wrappers return exactly what the real call returns, with its errno.
+ * In a forked child the table's descriptors are closed with close() and
+ * nothing else (the open file descriptions are shared with the parent):
+ * before any other code of the child runs (atfork child handler), or, after a
+ * fork that skipped the handlers, at the first zmqfork_refresh() or hooked
+ * call (a *deferred* cleanup).  The cleanup runs once per process.
+ *
+ * INVARIANT: the child never closes a descriptor that is not, at that
+ * moment, the very open file description libzmq had in the parent.
+ *   - Each number is fstat()ed first: closed already, or showing another file
+ *     than its print (taken over by the application's dup2, or closed and
+ *     reused), it is left alone.
+ *   - Inside the fork the table is exact (the fork gate below), so a number
+ *     that still shows its print is libzmq's.  A deferred cleanup follows
+ *     the child's own code, which may have closed libzmq's number and opened
+ *     another file of the same inode there (every eventfd and epoll shares
+ *     the kernel's one anonymous inode): it closes a socket on its print (a
+ *     socket's inode belongs to exactly one open file description) and
+ *     anything else only where kcmp(KCMP_FILE) says it is the very file the
+ *     parent, still alive and still its parent, holds at that number, or
+ *     else, for an eventfd or epoll, where its open file description carries
+ *     the mark the wrapper put there when libzmq made it (F_SETSIG to a
+ *     signal these descriptors never deliver; the child's own descriptors
+ *     have none).  Where it cannot tell (an open() file or pipe with the
+ *     parent gone or kcmp refused), the descriptor stays open, counted as
+ *     untracked: a leak, never a wrong close.  kcmp alone would not do: the
+ *     parent may have exited, and inside the fork it cannot see a dup2 the
+ *     application made before it; the print alone cannot tell two eventfds
+ *     apart.
+ *   - A close() slot of the hooked object (RELRO ones included) holding
+ *     anything but the wrapper at a fork (the lazy binder's write, another
+ *     library's hook, chaining or not) means close() calls may have bypassed
+ *     the table: it is forgotten, its descriptors counted as untracked.
+ *   Limit: inside the fork, an application that dup2()s its own eventfd or
+ *   epoll onto a number libzmq still holds (taking libzmq's descriptor from
+ *   under it) gets that descriptor closed in children.
+ *
+ * The fork gate: a fork waits for hooked calls in flight in other threads,
+ * at most 100 ms, then proceeds; a hooked call waits for a pending fork at
+ * most 100 ms too (the forking thread may need what it holds: the GIL, a
+ * lock), then proceeds.  Calls still in flight at a fork are counted as
+ * untracked in the child (each may leave a descriptor there).  An accept
+ * with no client pending (on a blocking listener, as libzmq's are, it would
+ * wait for one: a listener shared with other processes, ZMQ_USE_FD) waits
+ * outside the gate: no fork waits for it.  A cancellation unwinding a hooked call leaves the gate;
+ * a longjmp out of one (from a signal handler) leaves it counted: later forks
+ * wait the 100 ms, never forever.  A fork does not wait for a hooked call of
+ * its own thread (a fork from a signal handler that interrupted it); that call
+ * finishes in parent and child after the fork.
+ *
+ * Every fork kind, with or without wipe-on-fork: without it, a fork that
+ * skipped the handlers leaves the token as it was, so each hooked call
+ * compares getpid() with the table's owner instead (a syscall per hooked
+ * call, only then), and the child's first hooked call, or fork, cleans up and
+ * resets the gate its parent's threads left.
+ *
  * Descriptors that are not libzmq's are never in the table.  If the lazy
  * binder wrote the plain close() over a patched slot (a first call in flight
  * during install, in an object bound lazily), the fork handlers put the
- * wrapper back and the table is forgotten rather than trusted: its
- * descriptors then survive into children, counted by
- * zmqfork_fdtrack_untracked().
+ * wrapper back (and forget the table, as above).
  */
 
 /* Results of zmqfork_fdtrack_install() and zmqfork_fdtrack_status(). */
@@ -158,19 +206,29 @@ const char *zmqfork_fdtrack_object(void);
 /* Comma-separated names of the functions hooked in it, "" when off. */
 const char *zmqfork_fdtrack_functions(void);
 
-/* Descriptors in the table now.  Thread-safe, async-signal-safe. */
-long zmqfork_fdtrack_tracked(void);
-
-/* Descriptors closed by the latest fork cleanup in this process (0 if none
- * ran), and by all cleanups in this process and its ancestors.  Thread-safe,
- * async-signal-safe. */
-long zmqfork_fdtrack_closed_last(void);
-long zmqfork_fdtrack_closed_total(void);
-
-/* Descriptors libzmq made that did not fit the table (numbers beyond its
- * size and overflow slots), plus those a forgotten table held (see above):
- * they would survive into a child.  Thread-safe. */
-long zmqfork_fdtrack_untracked(void);
+/*
+ * Descriptor tracking's counters, one shape from here to Python's
+ * zmqfork.detection() (fds_<name>, fds_closed for closed_last):
+ *   tracked       descriptors in the table now;
+ *   closed_last   closed by the latest fork cleanup in this process (0 if
+ *                 none ran);
+ *   closed_total  closed by all cleanups in this process and its ancestors;
+ *   untracked     descriptors of libzmq's that may survive into a child,
+ *                 in this process and its ancestors: numbers that did not
+ *                 fit the table (beyond its size and overflow slots), those
+ *                 a forgotten table held, those a deferred cleanup could not
+ *                 identify, and hooked calls in flight at a fork the bounded
+ *                 wait gave up on (one each).
+ * Each is read with one atomic load, the four not as one snapshot.
+ * Thread-safe, async-signal-safe.
+ */
+struct zmqfork_fdtrack_counts {
+    long tracked;
+    long closed_last;
+    long closed_total;
+    long untracked;
+};
+void zmqfork_fdtrack_counts(struct zmqfork_fdtrack_counts *out);
 
 /* 1 if `fd` is in the table, else 0.  Thread-safe, async-signal-safe. */
 int zmqfork_fdtrack_is_tracked(int fd);
@@ -179,34 +237,6 @@ int zmqfork_fdtrack_is_tracked(int fd);
  * many are tracked (possibly more than max).  A snapshot: descriptors made or
  * closed meanwhile by other threads may or may not appear.  Thread-safe. */
 int zmqfork_fdtrack_snapshot(int *fds, int max);
-
-/*
- * TESTING ONLY.  Hooks, in addition, the already-loaded object `path` itself
- * (its own imports of the same functions), so tests can prove the GOT patcher
- * on objects built with every RELRO mode.  Does not change what
- * zmqfork_fdtrack_status() reports.  Returns a ZMQFORK_FDTRACK_* code.
- */
-int zmqfork_testing_fdtrack_hook_object(const char *path);
-
-/*
- * TESTING ONLY.  Makes every creating wrapper sleep `microseconds` between the
- * real call and the table update, and close() between the table update and
- * the real close (0, the default, turns it off), so tests can fork exactly
- * while a call is in its window and prove the gate.  Thread-safe.
- */
-void zmqfork_testing_fdtrack_delay(unsigned int microseconds);
-
-/* TESTING ONLY.  How many hooked calls are sleeping in that window now. */
-unsigned int zmqfork_testing_fdtrack_in_window(void);
-
-/*
- * TESTING ONLY.  Makes the next install (or zmqfork_testing_fdtrack_hook_object)
- * fail as if a GOT page could not be made writable, when it is about to patch
- * a slot after `after_slots` slots were patched; `before_failing` (may be
- * NULL) is called first, so that a test can make a hooked call through the
- * slots already patched.  Fires once.  Not thread-safe.
- */
-void zmqfork_testing_fdtrack_fail_patch(unsigned int after_slots, void (*before_failing)(void));
 
 /* ---- Mutexes a child gets back unlocked (mutexguard.c) ----------------- */
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import pytest
 
 from forking import run_session
-from test_descriptors import RELRO_MODES
+from test_descriptors import RELOC_NAMES, RELRO_MODES, assert_built_as
 
 TESTS = Path(__file__).resolve().parent
 NATIVE = TESTS / "native"
@@ -71,8 +72,7 @@ def native_target() -> Target:
     """The host CPU with the host compiler."""
     cc = shutil.which("gcc") or shutil.which("cc")
     machine = platform.machine()
-    relocs = {"x86_64": ("R_X86_64_JUMP_SLOT", "R_X86_64_GLOB_DAT"),
-              "aarch64": ("R_AARCH64_JUMP_SLOT", "R_AARCH64_GLOB_DAT")}.get(machine)
+    relocs = RELOC_NAMES.get(machine)
     return Target("native", cc, relocs=relocs, missing=None if cc else "no C compiler (gcc or cc) on PATH")
 
 
@@ -92,7 +92,7 @@ def qemu_target(name: str, extra: Sequence[str] = ()) -> Target:
     ).stdout:
         missing = "this qemu-aarch64 has no -p option to emulate another page size"
     runner = (qemu or "qemu-aarch64", *extra, "-L", sysroot)
-    return Target(name, cc, runner, ("R_AARCH64_JUMP_SLOT", "R_AARCH64_GLOB_DAT"), missing, build="aarch64")
+    return Target(name, cc, runner, RELOC_NAMES["aarch64"], missing, build="aarch64")
 
 
 TARGETS: Dict[str, Target] = {
@@ -148,7 +148,7 @@ def build(target: Target, where: Path) -> Built:
 
     jobs: List[Callable[[], object]] = [
         partial(compile_with, cc, where / "archdriver", [DRIVER, *module_sources()], "-std=gnu11", f"-I{CSRC}",
-                "-ldl", "-pthread"),
+                "-fexceptions", "-ldl", "-pthread"),
         fake_backend,
     ]
     jobs += [
@@ -223,14 +223,7 @@ def test_objects_differ_as_claimed(built: Built, mode: str) -> None:
     """Each RELRO mode really yields its RELRO segment, binding and JUMP_SLOT or GLOB_DAT calls on this CPU."""
     if built.target.relocs is None:
         pytest.skip(f"relocation names of {platform.machine()} not listed")
-    lib = str(built.so(f"hooktarget-{mode}.so"))
-    assert ("GNU_RELRO" in readelf("-lW", lib)) == (mode in ("partial", "full", "noplt"))
-    dynamic = readelf("-dW", lib)
-    assert ("BIND_NOW" in dynamic or "FLAGS_1" in dynamic and "NOW" in dynamic) == (mode in ("full", "noplt"))
-    relocs = readelf("-rW", lib).splitlines()
-    kinds = {line.split()[2] for line in relocs if " socket@" in line or " socket +" in line}
-    jump_slot, glob_dat = built.target.relocs
-    assert kinds == ({glob_dat} if mode.startswith("noplt") else {jump_slot}), kinds
+    assert_built_as(str(built.so(f"hooktarget-{mode}.so")), mode, readelf, built.target.relocs)
 
 
 @pytest.mark.parametrize("flags", ["", "no-atfork", "no-wipeonfork"])
@@ -259,13 +252,12 @@ def test_got_patcher(built: Built, mode: str, order: str) -> None:
         "hook_object", "page_protections_restored", "status_untouched", *calls, "app_sockets_untracked",
         "table_is_exact", "fork_child_closed_exactly_tracked", "fork_child_table_empty", "fork_child_closed_count",
         "fork_child_app_pipe_works", "fork_child_tracks_new", "fork_child", "parent_after_fork",
-        "raw_clone_child_app_pipe_works", "raw_clone_child", "parent_after_raw_clone", "table_empty_after_close",
+        "raw_clone_child_app_pipe_works", "raw_clone_child_table", "raw_clone_child", "parent_after_raw_clone",
+        "table_empty_after_close",
         *(["call_first"] if order == "call-first" else []),
     )
-    # A raw clone child is cleaned up exactly when wipe-on-fork is in force (the driver checks which).
-    assert {"raw_clone_child_closed_exactly_tracked", "raw_clone_child_keeps_all_without_wipeonfork"} & set(
-        report.passed()
-    ), report.out
+    # A raw clone child catches up at its first hooked call, with or without wipe-on-fork ("raw_clone_child_table"
+    # above); every inherited descriptor is closed or, where a deferred cleanup cannot confirm it, counted.
 
 
 def test_fork_waits_for_call_in_its_window(built: Built) -> None:
@@ -283,6 +275,35 @@ def test_install_finds_libzmq_behind_backend(built: Built) -> None:
     report = built.run("install", str(built.so("backend.so")), str(built.so("libzmq.so.5")))
     report.assert_ok("install", "install_object", "install_functions", "install_tracks", "install_child_closed",
                      "install_child", "install_untracks")
+
+
+def _declarations(text: str) -> Dict[str, str]:
+    """Exported function declarations (zmqfork_ but not zmqfork__) in C text: name -> normalised declaration."""
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    found = {}
+    for match in re.finditer(r"([A-Za-z_][\w \t\*]*?\b(zmqfork_(?!_)\w+)\s*\([^;{]*\))\s*;", text):
+        found[match.group(2)] = " ".join(match.group(1).replace("*", " * ").split())
+    return found
+
+
+def test_cdef_mirrors_the_headers() -> None:
+    """csrc/cdef.h declares exactly the functions of zmqfork.h and zmqfork_testing.h, with the same signatures, and the same counters struct."""
+    cdef = (CSRC / "cdef.h").read_text()
+    headers = (CSRC / "zmqfork.h").read_text() + (CSRC / "zmqfork_testing.h").read_text()
+    assert _declarations(cdef) == _declarations(headers)
+    struct = re.compile(r"struct zmqfork_fdtrack_counts \{([^}]*)\}")
+    assert struct.search(cdef).group(1).split() == struct.search(headers).group(1).split()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("strict", ["1", ""])
+def test_warnings_are_errors_only_when_asked(strict: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """csrc/build_native.py adds -Werror only with ZMQFORK_STRICT_BUILD=1 (CI, tests), so a user's install shows warnings and goes on."""
+    import runpy
+
+    monkeypatch.setenv("ZMQFORK_STRICT_BUILD", strict)
+    script = runpy.run_path(str(CSRC / "build_native.py"))
+    assert {"-Wall", "-Wextra"} <= set(script["compile_args"])
+    assert ("-Werror" in script["compile_args"]) == (strict == "1")
 
 
 def test_install_reports_missing_backend(built: Built) -> None:

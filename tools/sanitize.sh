@@ -11,8 +11,8 @@
 # with libasan preloaded into qemu, a host program, its aarch64 runs failed 2
 # times in 3 (zmqfork_init: ENOMEM) where they pass without the preload.
 #
-# The build is the normal one (csrc/build_native.py, -Wall -Wextra -Werror)
-# plus the sanitizer flags.  Python itself is not instrumented: libasan is
+# The build is the normal one (csrc/build_native.py, with -Werror:
+# ZMQFORK_STRICT_BUILD=1) plus the sanitizer flags.  Python itself is not instrumented: libasan is
 # preloaded, leak detection is off (CPython's own allocations would report),
 # and every report is written to a log file, so a report in a child that exits
 # through os._exit is caught too.
@@ -39,6 +39,7 @@ trap 'rm -rf "$work"' EXIT
 echo "== sanitizer build (ASan + UBSan) in $work"
 cp -r src/zmqfork "$work/zmqfork"
 rm -f "$work"/zmqfork/_native_c*.so
+export ZMQFORK_STRICT_BUILD=1
 export CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1"
 export LDFLAGS="-fsanitize=address,undefined"
 # From $work: the build script then names its sources by absolute path (cffi compiles in its tmpdir).
@@ -73,7 +74,8 @@ gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o "$work/asan_forksafe.so" tools/as
 gcc -O1 -pthread -Wall -Wextra -Werror -DASAN_FORKSAFE_SELFTEST -o "$work/asan_forksafe_selftest" tools/asan_forksafe.c
 
 module="$(ls "$work"/zmqfork/_native_c*.so)"
-if [[ "$(ldd "$module")" != *libasan* ]] || ! nm -D "$module" | grep -q " U __asan_report_load"; then
+# Whole outputs, not pipes into grep -q: grep stops at the first match, and pipefail would count nm's SIGPIPE.
+if [[ "$(ldd "$module")" != *libasan* ]] || [[ "$(nm -D "$module")" != *" U __asan_report_load"* ]]; then
     echo "sanitize: $module is not linked with libasan or not instrumented" >&2
     exit 1
 fi

@@ -1,7 +1,7 @@
 """Closing libzmq's descriptors in a forked child: the hooks are installed when this module is imported.
 
 zmqfork interposes on the descriptor calls of the loaded libzmq (see
-``csrc/fdtrack.c``) and keeps a table of the descriptors it owns.  In a child,
+``csrc/fdtrack_hooks.c``) and keeps a table of the descriptors it owns.  In a child,
 before any other code runs, those descriptors are closed with ``close()``:
 the parent keeps its sockets, listeners and connections to itself, and the
 child's descriptor count does not grow with each generation.  Descriptors the
@@ -38,9 +38,13 @@ class DescriptorTracking(NamedTuple):
     counts the descriptors libzmq owns now; ``closed_last`` those closed in
     this process by the cleanup after the fork that made it; ``closed_total``
     those closed by every cleanup in this process and its ancestors;
-    ``untracked`` those that did not fit the table, or that a table found
-    untrustworthy (the lazy binder overwrote a hooked close()) had to forget,
-    and that would leak into a child.
+    ``untracked`` libzmq's descriptors that may survive into a child, in this
+    process and its ancestors: those that did not fit the table, those a table
+    found untrustworthy had to forget (a hooked close() slot held something
+    else), those a cleanup after a fork that skipped the handlers could not
+    identify, and calls in flight at a fork that did not wait for them.  The
+    four counters are the fields of csrc/zmqfork.h's struct
+    zmqfork_fdtrack_counts, in its order.
     """
 
     on: bool
@@ -90,16 +94,12 @@ def state() -> DescriptorTracking:
         reason = _skipped_reason
     else:
         reason = _native.fdtrack_reason()
-    counts = _native.fdtrack_counts()
     return DescriptorTracking(
         on=on,
         reason=reason,
         object=_native.fdtrack_object(),
         functions=_native.fdtrack_functions(),
-        tracked=counts["tracked"],
-        closed_last=counts["closed_last"],
-        closed_total=counts["closed_total"],
-        untracked=counts["untracked"],
+        **_native.fdtrack_counts(),
     )
 
 

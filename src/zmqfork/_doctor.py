@@ -95,6 +95,7 @@ def _check_fork_kind(
             "still_open": still_open,
             "fdtrack": state.fdtrack,
             "fds_closed": state.fds_closed,
+            "fds_untracked": state.fds_untracked,
         }
 
     outcome = run_in_child(child, kind, TIMEOUT)
@@ -115,6 +116,8 @@ def _check_fork_kind(
         checks.append(Check(label, "descriptors", "fail", detail))
     else:
         detail = f"all {len(libzmq_fds)} of the parent's libzmq descriptors closed in the child"
+        if result["fds_untracked"]:
+            detail += f"; {result['fds_untracked']} untracked (may have survived into it)"
         checks.append(Check(label, "descriptors", "pass", detail))
     arrived = bool(pull.poll(int(TIMEOUT * 1000))) and pull.recv_string() == f"{kind} {outcome.pid}"
     detail = "the child's message on the inherited socket arrived" if arrived else "no message from the child"
@@ -156,6 +159,7 @@ def _print_text(data: Dict[str, Any], out: TextIO) -> None:
         print(f"  hooked object         {det['fdtrack_object']}", file=out)
         print(f"  hooked functions      {', '.join(det['fdtrack_functions'])}", file=out)
         print(f"  descriptors tracked   {det['fds_tracked']}", file=out)
+        print(f"  untracked (may leak)  {det['fds_untracked']}", file=out)
     others = det["foreign_threads"]
     listed = ", ".join(f"{tid} {name!r}" for tid, name in others) if others else "none (libzmq's are covered)"
     print(f"\nOther threads           {listed}", file=out)

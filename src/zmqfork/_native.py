@@ -28,12 +28,14 @@ __all__ = [
     "fdtrack_reason",
     "fdtrack_object",
     "fdtrack_functions",
+    "FDTRACK_COUNTERS",
     "fdtrack_counts",
     "fdtrack_tracked_fds",
     "fdtrack_is_tracked",
     "testing_fdtrack_hook_object",
     "testing_fdtrack_delay",
     "testing_fdtrack_in_window",
+    "testing_fdtrack_table_size",
     "testing_fdtrack_fail_patch",
     "guard_recursive_mutex",
 ]
@@ -138,7 +140,7 @@ def mechanism_errors() -> dict[str, str | None]:
     }
 
 
-# ---- descriptor tracking (csrc/fdtrack.c) ------------------------------------
+# ---- descriptor tracking (csrc/fdtrack_*.c) ----------------------------------
 
 #: zmqfork_fdtrack_status() when the hooks are installed.
 FDTRACK_ON: int = lib.ZMQFORK_FDTRACK_ON
@@ -181,14 +183,16 @@ def fdtrack_functions() -> tuple[str, ...]:
     return tuple(names.split(",")) if names else ()
 
 
+#: The names of descriptor tracking's counters, in the order of the C struct
+#: zmqfork_fdtrack_counts (csrc/zmqfork.h, which says what each counts).
+FDTRACK_COUNTERS: tuple[str, ...] = tuple(name for name, _ in ffi.typeof("struct zmqfork_fdtrack_counts").fields)
+
+
 def fdtrack_counts() -> dict[str, int]:
-    """Descriptors tracked now, closed by the last cleanup, closed by all cleanups, untracked."""
-    return {
-        "tracked": int(lib.zmqfork_fdtrack_tracked()),
-        "closed_last": int(lib.zmqfork_fdtrack_closed_last()),
-        "closed_total": int(lib.zmqfork_fdtrack_closed_total()),
-        "untracked": int(lib.zmqfork_fdtrack_untracked()),
-    }
+    """Descriptor tracking's counters, keyed by FDTRACK_COUNTERS: the C struct's fields, nothing renamed or dropped."""
+    counts = ffi.new("struct zmqfork_fdtrack_counts *")
+    lib.zmqfork_fdtrack_counts(counts)
+    return {name: int(getattr(counts, name)) for name in FDTRACK_COUNTERS}
 
 
 def fdtrack_tracked_fds() -> list[int]:
@@ -220,6 +224,11 @@ def testing_fdtrack_delay(microseconds: int) -> None:
 def testing_fdtrack_in_window() -> int:
     """TESTING ONLY: how many hooked calls sleep in that window now."""
     return int(lib.zmqfork_testing_fdtrack_in_window())
+
+
+def testing_fdtrack_table_size(descriptors: int) -> None:
+    """TESTING ONLY: make the table, when first mapped, cover only ``descriptors`` numbers (then overflow slots)."""
+    lib.zmqfork_testing_fdtrack_table_size(descriptors)
 
 
 # Keeps the callback of testing_fdtrack_fail_patch alive until it has fired.

@@ -8,7 +8,7 @@ from zmqfork import _descriptors, _native
 from zmqfork._generation import notice
 from zmqfork._threads import ForeignThread, foreign_threads
 
-__all__ = ["Detection", "detection", "generation"]
+__all__ = ["COUNTER_FIELDS", "Detection", "detection", "generation"]
 
 
 class Detection(NamedTuple):
@@ -24,7 +24,8 @@ class Detection(NamedTuple):
     hooked in it).  ``fds_tracked``: descriptors libzmq owns now;
     ``fds_closed``: closed in this process by the cleanup after the fork that
     made it; ``fds_closed_total``: by every cleanup in this process and its
-    ancestors.
+    ancestors; ``fds_untracked``: libzmq's descriptors that may survive into a
+    child (see ``zmqfork._descriptors.DescriptorTracking.untracked``).
 
     ``foreign_threads``: the threads of this process other than the caller and
     libzmq's (``zmqfork.foreign_threads()``), whose state at a fork stays the
@@ -40,7 +41,17 @@ class Detection(NamedTuple):
     fds_tracked: int = 0
     fds_closed: int = 0
     fds_closed_total: int = 0
+    fds_untracked: int = 0
     foreign_threads: Tuple[ForeignThread, ...] = ()
+
+
+#: Each descriptor counter (zmqfork_fdtrack_counts in csrc/zmqfork.h) and its Detection field.
+COUNTER_FIELDS: Dict[str, str] = {
+    "tracked": "fds_tracked",
+    "closed_last": "fds_closed",
+    "closed_total": "fds_closed_total",
+    "untracked": "fds_untracked",
+}
 
 
 def detection() -> Detection:
@@ -57,9 +68,7 @@ def detection() -> Detection:
         fdtrack=fds.on,
         fdtrack_object=fds.object,
         fdtrack_functions=fds.functions,
-        fds_tracked=fds.tracked,
-        fds_closed=fds.closed_last,
-        fds_closed_total=fds.closed_total,
+        **{field: getattr(fds, counter) for counter, field in COUNTER_FIELDS.items()},
         foreign_threads=foreign_threads(),
     )
 

@@ -36,6 +36,7 @@
  */
 #define _GNU_SOURCE
 #include "zmqfork.h"
+#include "zmqfork_testing.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -63,7 +64,7 @@
 #define CHILD_TIMEOUT_MS 20000
 #define MAX_FDS 1024      /* descriptors scanned when comparing open sets */
 #define MAX_THEIRS 64     /* descriptors one scenario makes through the object */
-#define GATE_DELAY_US 200000u
+#define GATE_DELAY_US 40000u /* under the fork's 100 ms bound */
 
 /* ---- reporting ----------------------------------------------------------- */
 
@@ -96,6 +97,14 @@ static __attribute__((format(printf, 1, 2))) void emit(const char *fmt, ...)
     if (line[len - 1] != '\n') /* a truncated line still ends one */
         line[len - 1] = '\n';
     write_all(out_fd, line, len);
+}
+
+/* Descriptor tracking's counters now. */
+static struct zmqfork_fdtrack_counts counts(void)
+{
+    struct zmqfork_fdtrack_counts now;
+    zmqfork_fdtrack_counts(&now);
+    return now;
 }
 
 /* Reports `name` as passed when ok, else as failed with the detail; returns ok. */
@@ -606,37 +615,41 @@ static void child_after_fork(void *arg)
     (void)arg;
     /* Checked first: nothing in this child has called anything yet. */
     check_open_set("fork_child_closed_exactly_tracked", 1, -1);
-    check(zmqfork_fdtrack_tracked() == 0 && zmqfork_fdtrack_snapshot(NULL, 0) == 0,
-          "fork_child_table_empty", "tracked %ld", zmqfork_fdtrack_tracked());
-    check(zmqfork_fdtrack_closed_last() == ntheirs, "fork_child_closed_count",
-          "closed_last %ld, want %d", zmqfork_fdtrack_closed_last(), ntheirs);
+    check(counts().tracked == 0 && zmqfork_fdtrack_snapshot(NULL, 0) == 0,
+          "fork_child_table_empty", "tracked %ld", counts().tracked);
+    check(counts().closed_last == ntheirs, "fork_child_closed_count",
+          "closed_last %ld, want %d", counts().closed_last, ntheirs);
     app_pipe_works("fork_child_app_pipe_works", 'f');
     /* A descriptor the child makes through the object is tracked afresh. */
     int fd = t.eventfd(0, 0);
-    check(fd >= 0 && zmqfork_fdtrack_is_tracked(fd) && zmqfork_fdtrack_tracked() == 1,
-          "fork_child_tracks_new", "fd %d tracked %ld", fd, zmqfork_fdtrack_tracked());
+    check(fd >= 0 && zmqfork_fdtrack_is_tracked(fd) && counts().tracked == 1,
+          "fork_child_tracks_new", "fd %d tracked %ld", fd, counts().tracked);
 }
 
 static void child_after_raw_clone(void *arg)
 {
     (void)arg;
-    int wiped = (zmqfork_mechanisms() & ZMQFORK_MECH_WIPEONFORK) != 0;
-    /* The first hooked call in this child: with wipe-on-fork it catches up
-     * (closes the inherited table) before making its own descriptor. */
+    long untracked_before = counts().untracked;
+    /* The first hooked call in this child catches up (closes the inherited
+     * table) before making its own descriptor: the wiped token tells, or
+     * without wipe-on-fork, getpid(). */
     int fd = t.eventfd(0, 0);
-    if (wiped) {
+    long identified = counts().closed_last;
+    long unknown = counts().untracked - untracked_before;
+    if (identified == ntheirs) {
         check_open_set("raw_clone_child_closed_exactly_tracked", 1, fd);
-        check(zmqfork_fdtrack_tracked() == 1 && zmqfork_fdtrack_is_tracked(fd) &&
-                  zmqfork_fdtrack_closed_last() == ntheirs,
-              "raw_clone_child_table", "tracked %ld (want 1: fd %d), closed_last %ld (want %d)",
-              zmqfork_fdtrack_tracked(), fd, zmqfork_fdtrack_closed_last(), ntheirs);
     } else {
-        /* The documented limit: nothing tells this child it is one. */
-        check_open_set("raw_clone_child_keeps_all_without_wipeonfork", 0, fd);
-        check(zmqfork_fdtrack_tracked() == ntheirs + 1, "raw_clone_child_table_kept",
-              "tracked %ld, want %d", zmqfork_fdtrack_tracked(), ntheirs + 1);
-        info("raw_clone_child", "wipe-on-fork not in force: inherited descriptors stay open");
+        /* A deferred cleanup closes an eventfd or epoll only where kcmp()
+         * against the parent confirms it (an emulator may not have kcmp);
+         * what it cannot confirm stays open, counted as untracked. */
+        info("raw_clone_child", "%ld of %d identified without kcmp, %ld left open", identified,
+             ntheirs, unknown);
     }
+    check(counts().tracked == 1 && zmqfork_fdtrack_is_tracked(fd) &&
+              identified + unknown == ntheirs,
+          "raw_clone_child_table",
+          "tracked %ld (want 1: fd %d), closed_last %ld + untracked %ld (want %d)",
+          counts().tracked, fd, identified, unknown, ntheirs);
     app_pipe_works("raw_clone_child_app_pipe_works", 'r');
 }
 
@@ -650,9 +663,9 @@ static void parent_after_child(const char *name, char byte)
     struct pollfd pfd = {.fd = app_pipe[0], .events = POLLIN};
     if (poll(&pfd, 1, 5000) == 1 && read(app_pipe[0], &got, 1) != 1)
         got = 0;
-    check(missing == 0 && zmqfork_fdtrack_tracked() == ntheirs && got == byte, name,
+    check(missing == 0 && counts().tracked == ntheirs && got == byte, name,
           "%d tracked descriptors lost in the parent, tracked %ld (want %d), app byte %#x", missing,
-          zmqfork_fdtrack_tracked(), ntheirs, (unsigned int)(unsigned char)got);
+          counts().tracked, ntheirs, (unsigned int)(unsigned char)got);
 }
 
 static int scenario_hook(const char *path, const char *order)
@@ -810,9 +823,9 @@ static int scenario_hook(const char *path, const char *order)
     int count = zmqfork_fdtrack_snapshot(snap, MAX_THEIRS + 8);
     qsort(theirs, (size_t)ntheirs, sizeof theirs[0], compare_int);
     check(count == ntheirs && memcmp(snap, theirs, sizeof(int) * (size_t)ntheirs) == 0 &&
-              zmqfork_fdtrack_tracked() == ntheirs,
+              counts().tracked == ntheirs,
           "table_is_exact", "snapshot has %d, made %d, tracked %ld", count, ntheirs,
-          zmqfork_fdtrack_tracked());
+          counts().tracked);
     info("tracked", "%d descriptors", ntheirs);
 
     run_child("fork_child", BY_FORK, child_after_fork, NULL);
@@ -823,8 +836,8 @@ static int scenario_hook(const char *path, const char *order)
     /* Closing through the object empties the table. */
     for (int i = 0; i < ntheirs; i++)
         t.close(theirs[i]);
-    check(zmqfork_fdtrack_tracked() == 0, "table_empty_after_close", "tracked %ld",
-          zmqfork_fdtrack_tracked());
+    check(counts().tracked == 0, "table_empty_after_close", "tracked %ld",
+          counts().tracked);
     return failures != 0;
 }
 
@@ -932,10 +945,10 @@ static int fake_fd = -1;
 static void child_install(void *arg)
 {
     (void)arg;
-    check(!is_open(fake_fd) && zmqfork_fdtrack_tracked() == 0 &&
-              zmqfork_fdtrack_closed_last() == 1,
+    check(!is_open(fake_fd) && counts().tracked == 0 &&
+              counts().closed_last == 1,
           "install_child_closed", "fd %d open %d, tracked %ld, closed_last %ld", fake_fd,
-          is_open(fake_fd), zmqfork_fdtrack_tracked(), zmqfork_fdtrack_closed_last());
+          is_open(fake_fd), counts().tracked, counts().closed_last);
 }
 
 static int scenario_install(const char *backend, const char *libzmq)
