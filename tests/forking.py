@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 import traceback
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 from zmqfork._children import FORK_KINDS as _KIND_NAMES
 from zmqfork._children import fork_by as fork_with
@@ -44,7 +44,7 @@ FORK_KINDS = tuple(_KIND_NAMES)
 # Process groups of the children start_child made and has not reaped yet.
 # Each test child leads its own group, which its descendants join, so that
 # one killpg() ends a whole family even if the test itself was interrupted.
-_live_groups: set = set()
+_live_groups: Set[int] = set()
 _is_test_child = False
 
 

@@ -28,7 +28,7 @@ def main() -> int:
     option = getattr(zmq, sys.argv[1] if len(sys.argv) > 1 else "SNDHWM")
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 20000
     print(f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}", flush=True)
-    for i in range(rounds):
+    for _ in range(rounds):
         ctx = zmq.Context()
         sock = ctx.socket(zmq.SUB)
         sock.bind("inproc://endpoint")

@@ -22,7 +22,7 @@ import fnmatch
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Sequence, Set, Tuple, Union
 
 import pytest
 
@@ -58,7 +58,8 @@ def parse_allow_list(text: str, source: str) -> List[AllowEntry]:
                 f"{source}:{number}: expected '<test id pattern> | <skip message pattern> | <reason>' "
                 f"(three non-empty fields separated by ' | '), got {raw!r}"
             )
-        entries.append(AllowEntry(*fields, line=number))
+        test, message, reason = fields
+        entries.append(AllowEntry(test, message, reason, number))
     return entries
 
 
@@ -80,8 +81,9 @@ def is_active(config: pytest.Config) -> bool:
 
 def _message(report: Union[pytest.TestReport, pytest.CollectReport]) -> str:
     """What the skip or xfail said."""
-    if getattr(report, "wasxfail", None) is not None:
-        return str(getattr(report, "wasxfail"))
+    wasxfail = getattr(report, "wasxfail", None)
+    if wasxfail is not None:
+        return str(wasxfail)
     longrepr = report.longrepr
     if isinstance(longrepr, tuple) and len(longrepr) == 3:
         text = str(longrepr[2])
@@ -95,7 +97,7 @@ class SkipGuard:
     def __init__(self, entries: Sequence[AllowEntry], source: str) -> None:
         self.entries = list(entries)
         self.source = source
-        self.used: set = set()
+        self.used: Set[AllowEntry] = set()
         self.unlisted: List[Tuple[str, str, str]] = []  # (test id, outcome, message)
 
     def _seen(self, nodeid: str, outcome: str, message: str) -> None:

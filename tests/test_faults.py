@@ -22,7 +22,7 @@ import pytest
 import zmq as pyzmq
 
 import zmqfork as zmq
-from forking import FORK_KINDS, ChildFailed, fork_with, open_fds, run_in_child, start_child, wait_child
+from forking import FORK_KINDS, ChildFailed, fork_with, open_fds, run_in_child, start_child
 from reliability import (  # noqa: F401  - no_children_left is a fixture
     EchoServer,
     count,

@@ -93,7 +93,7 @@ def test_entry_for_another_message_does_not_cover(tmp_path: Path) -> None:
 
 
 def test_ci_environment_turns_the_guard_on(tmp_path: Path) -> None:
-    """Without --allowed-skips, $CI=true applies the default list (.ci/allowed-skips), which knows none of these skips."""
+    """Without --allowed-skips, $CI=true applies the default list (.ci/allowed-skips), which knows none of these."""
     status, out = run_suite(tmp_path, None, ci="true")
     assert status == pytest.ExitCode.TESTS_FAILED, out
     assert str(skipguard.DEFAULT_ALLOW_LIST) in out
