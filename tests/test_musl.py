@@ -88,7 +88,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     if MISSING:
         pytest.skip(f"musl: {MISSING}")
     where = tmp_path_factory.mktemp("arch-musl")
-    target = Target("musl", str(musl_compiler(where)), relocs=arch.native_target().relocs)
+    # Run through env -u LD_PRELOAD: musl's loader cannot load a glibc library
+    # that a run may preload (tools/sanitize.sh preloads glibc's libasan).
+    target = Target("musl", str(musl_compiler(where)), ("env", "-u", "LD_PRELOAD"), arch.native_target().relocs)
     return arch.build(target, where / "build")
 
 
