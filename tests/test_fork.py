@@ -52,6 +52,8 @@ def _mp_target(push: zmq.Socket, ctx: zmq.Context) -> None:
     ctx.destroy()
 
 
+# Python 3.12+ warns that forking a process with threads (libzmq's) may deadlock: forking it is the point.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
 def test_multiprocessing_fork_start_method(ctx: zmq.Context) -> None:
     """multiprocessing with the fork start method: the worker uses the parent's PUSH proxy."""
     pull, push = pull_pair(ctx)
