@@ -121,6 +121,7 @@ class ForkModel(RuleBasedStateMachine):
         # (endpoint asked for, what the proxy got, what the twin got)
         self.binds: List[Tuple[str, str, str]] = []
         self.checked = False  # has a child checked the model as it is now?
+        self.parent_peers: List[zmq.Socket] = []  # the receive rule's peers, open until teardown
         for endpoint in connects:
             self.connect(endpoint)
         if self.type == zmq.SUB:
@@ -239,6 +240,7 @@ class ForkModel(RuleBasedStateMachine):
         """
         endpoint = data.draw(st.sampled_from(self.inproc_binds()))
         peer = self.ctx.socket(zmq.PUSH if self.type == zmq.PULL else zmq.XPUB)
+        self.parent_peers.append(peer)  # kept: a collected socket is closed
         peer.sndtimeo = PEER_TIMEOUT_MS
         if self.type == zmq.SUB:
             peer.xpub_verbose = 1
