@@ -50,7 +50,9 @@ def run_suite(tmp_path: Path, allow: Optional[str], *, ci: str = "", args: Tuple
     """Run SUITE with the guard loaded; ``allow`` is written as the allow-list and passed with --allowed-skips."""
     (tmp_path / "test_suite.py").write_text(textwrap.dedent(SUITE))
     (tmp_path / "conftest.py").write_text("from skipguard import pytest_addoption, pytest_configure\n")
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rN", str(tmp_path), *args]
+    # --rootdir: test ids relative to tmp_path whatever the working directory (pytest's default depends on it).
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rN", "--rootdir", str(tmp_path),
+            str(tmp_path), *args]
     if allow is not None:
         (tmp_path / "allowed").write_text(textwrap.dedent(allow))
         argv += ["--allowed-skips", str(tmp_path / "allowed")]
