@@ -5,7 +5,8 @@
 # run in it with CI=true, so that tests/skipguard.py fails it on a skip the
 # allow-list does not give a reason for.  Each cell prints exactly one line,
 #     cell NAME: N passed, N failed, N skipped in S s
-# (or "cell NAME: FAILED (why) in S s" when it broke before its tests), and a
+# (plus ", N xfailed" when some were), or "cell NAME: FAILED (why) in S s" when
+# it broke before its tests; a
 # failed cell does not stop the others: matrix_verdict, at the end, fails the
 # run if any cell failed.  Install and pytest output go to a log per cell,
 # shown when the cell fails.
@@ -17,6 +18,7 @@
 #   cell_pyzmq_source VERSION       the same with pyzmq==VERSION built from source against the system libzmq
 # The fast suite is .ci/fast-suite (one pytest argument per line).
 
+CELLS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"  # .ci/, wherever the caller stands
 PYENV_VERSIONS="${PYENV_ROOT:-$HOME/.pyenv}/versions"
 FAST_SUITE_ENV=(ZMQFORK_CHAIN_GENERATIONS=300)
 cells_failed=()
@@ -25,7 +27,7 @@ cell_start=0
 # The one summary line of a cell; records a failed cell.  summarise NAME STATUS REPORT|-WHY
 summarise() {
     local seconds=$((SECONDS - cell_start))
-    if ! python3 .ci/cell_summary.py "$1" "$seconds" "$2" "$3"; then
+    if ! python3 "$CELLS_DIR/cell_summary.py" "$1" "$seconds" "$2" "$3"; then
         cells_failed+=("$1")
         [ -f "$work/cells/$1.log" ] && tail -n 40 "$work/cells/$1.log"
     fi
@@ -66,7 +68,7 @@ cell_pytest() {
 
 cell_fast_suite() {
     local suite
-    mapfile -t suite < <(grep -v -e '^#' -e '^[[:space:]]*$' .ci/fast-suite)
+    mapfile -t suite < <(grep -v -e '^#' -e '^[[:space:]]*$' "$CELLS_DIR/fast-suite")
     cell_pytest "$1" "${FAST_SUITE_ENV[@]}" -- "${suite[@]}"
 }
 
