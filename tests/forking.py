@@ -3,9 +3,9 @@
 The child sends its result (or its traceback) down a pipe and exits with a
 status; the parent waits with a timeout, kills the child if it overruns, and
 raises if the child failed.  No child is ever left behind.  Forking itself,
-waiting and reading are zmqfork's own helpers (zmqfork._children, used by
-``python -m zmqfork doctor``); this module adds pickled results, exceptions
-and process groups for tests.
+waiting, reading and listing open descriptors are zmqfork's own helpers
+(zmqfork._children, used by ``python -m zmqfork doctor``); this module adds
+pickled results, exceptions and process groups for tests.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ import signal
 import subprocess
 import time
 import traceback
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 from zmqfork._children import FORK_KINDS as _KIND_NAMES
 from zmqfork._children import fork_by as fork_with
-from zmqfork._children import kill_family, read_until_eof, wait_or_kill, write_all
+from zmqfork._children import kill_family, open_fds, read_until_eof, wait_or_kill, write_all
 
 __all__ = [
     "FORK_KINDS",
     "Child",
     "ChildFailed",
-    "fd_numbers",
     "fork_with",
     "kill_leftover_children",
+    "open_fds",
     "run_in_child",
     "run_session",
     "start_child",
@@ -44,7 +44,7 @@ FORK_KINDS = tuple(_KIND_NAMES)
 # Process groups of the children start_child made and has not reaped yet.
 # Each test child leads its own group, which its descendants join, so that
 # one killpg() ends a whole family even if the test itself was interrupted.
-_live_groups: set = set()
+_live_groups: Set[int] = set()
 _is_test_child = False
 
 
@@ -139,15 +139,6 @@ def run_in_child(fn: Callable[[], Any], *, kind: str = "os", timeout: float = 30
     abnormally or overran ``timeout``.
     """
     return start_child(fn, kind=kind).result(timeout)
-
-
-def fd_numbers() -> Iterator[Tuple[int, str]]:
-    """This process's open descriptors with what each refers to (from /proc/self/fd)."""
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            yield int(name), os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
 
 
 def run_session(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, timeout: float) -> Tuple[int, str, str]:

@@ -18,7 +18,6 @@ __all__ = [
     "children_of",
     "descendants_of_me",
     "no_children_left",
-    "open_fd_count",
     "wait_other_threads_idle",
     "wait_until",
 ]
@@ -63,11 +62,6 @@ def no_children_left() -> Iterator[None]:
     yield
     left = {pid: state for pid, state in descendants_of_me().items() if pid not in before}
     assert not left, f"children left behind (pid: state): {left}"
-
-
-def open_fd_count() -> int:
-    """How many descriptors this process has open."""
-    return len(os.listdir("/proc/self/fd")) - 1  # minus the one listing the directory
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -12,6 +12,7 @@ import pytest
 import zmqfork as zmq
 from zmqfork import _afterfork
 from forking import FORK_KINDS, run_in_child
+from reliability import wait_other_threads_idle
 
 TIMEOUT_MS = 10_000
 
@@ -143,11 +144,14 @@ def test_other_threads_wait_for_callbacks() -> None:
         assert started.wait(10)
         other = threading.Thread(target=lambda: (zmq.generation(), ran.append("other thread")))
         other.start()
-        other.join(0.2)  # it must still be blocked: the callback has not finished
+        # Both threads now sleep in the kernel (the runner in release.wait, the
+        # other one waiting for the callbacks), or the other one went through.
+        wait_other_threads_idle(samples=50)
         ran.append("main")
         release.set()
         runner.join(10)
         other.join(10)
+        assert not runner.is_alive() and not other.is_alive()
         return ran
 
     assert run_in_child(child, kind="os") == ["main", "callback", "other thread"]

@@ -221,7 +221,7 @@ def test_poller_and_select_in_the_parent(ctx: zmq.Context) -> None:
     assert b.poll(1000) == zmq.POLLIN
 
 
-# ---- bad input everywhere (issue 5, item 6) ----------------------------------------
+# ---- bad input everywhere -------------------------------------------------------------------
 
 WRONG_TYPE_CASES = {
     "connect to a non-string": lambda ctx, sock: sock.connect(123),
@@ -317,7 +317,7 @@ def test_failed_calls_are_not_replayed_in_the_child(ctx: zmq.Context) -> None:
     assert run_in_child(child) == (5, b"", b"inproc://good", ["set(zmq.LINGER, 5)", "connect('inproc://good')"])
 
 
-# ---- secrets (issue 5, item 8) -------------------------------------------------------
+# ---- secrets ----------------------------------------------------------------------------------
 
 
 def test_secrets_never_reach_a_log_line_or_a_rebuild_error(ctx: zmq.Context) -> None:

@@ -27,7 +27,7 @@ import zmq as pyzmq
 
 import zmqfork
 from zmqfork import _native
-from forking import ChildFailed, fork_with, read_until_eof, run_in_child, run_session, wait_child
+from forking import ChildFailed, fork_with, open_fds, read_until_eof, run_in_child, run_session, wait_child
 from reliability import wait_until
 
 TESTS = Path(__file__).resolve().parent
@@ -64,18 +64,6 @@ def run_program(name: str, *args: str, env: Optional[Dict[str, str]] = None, tim
     """Run tests/programs/``name`` in a fresh interpreter (own session); the JSON on its last stdout line."""
     return last_json(run_python((PROGRAMS / name).read_text(), *args, env=env, timeout=timeout))
 
-
-def open_fds() -> Set[int]:
-    """This process's open descriptors (not counting the one listing them)."""
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            os.fstat(fd)
-        except OSError:  # the directory descriptor of the listing itself, closed by now
-            continue
-        found.add(fd)
-    return found
 
 
 def fd_identity(fd: int) -> Optional[Tuple[str, ...]]:
@@ -659,15 +647,16 @@ def test_fork_waits_no_longer_than_the_bound(which: str, native_dir: Path) -> No
 
 def test_finds_system_libzmq(native_dir: Path) -> None:
     """A backend linked to a separate libzmq.so.5 (distro pyzmq): the hooks go on that libzmq, not on the backend."""
-    fake = compile_so(native_dir / "libzmq.so.5", [NATIVE / "fakezmq.c"], "-Wl,-soname,libzmq.so.5")
+    # Named apart from the real libzmq.so.5, which a pyzmq built against the system libzmq has loaded already.
+    fake = compile_so(native_dir / "libfakezmq.so.5", [NATIVE / "fakezmq.c"], "-Wl,-soname,libfakezmq.so.5")
     backend = compile_so(
         native_dir / "backend_shared.so",
         [NATIVE / "fakebackend.c"],
         f"-L{native_dir}",
-        "-l:libzmq.so.5",
+        "-l:libfakezmq.so.5",
         "-Wl,-rpath,$ORIGIN",
     )
-    assert "libzmq.so.5" in readelf("-dW", str(backend))
+    assert "libfakezmq.so.5" in readelf("-dW", str(backend))
     result = install_in_subprocess(str(backend), str(backend))
     assert result["status"] == _native.FDTRACK_ON, result
     assert result["on"] and os.path.realpath(str(result["object"])) == os.path.realpath(fake)
@@ -692,9 +681,9 @@ def test_finds_libzmq_linked_into_backend(visibility: str, native_dir: Path) -> 
 
 def test_fake_libzmq_descriptors_closed_in_child(native_dir: Path) -> None:
     """Through a fake system libzmq, a descriptor it makes is tracked and closed in a child."""
-    compile_so(native_dir / "libzmq.so.5", [NATIVE / "fakezmq.c"], "-Wl,-soname,libzmq.so.5")
+    compile_so(native_dir / "libfakezmq.so.5", [NATIVE / "fakezmq.c"], "-Wl,-soname,libfakezmq.so.5")
     backend = compile_so(
-        native_dir / "backend_track.so", [NATIVE / "fakebackend.c"], f"-L{native_dir}", "-l:libzmq.so.5",
+        native_dir / "backend_track.so", [NATIVE / "fakebackend.c"], f"-L{native_dir}", "-l:libfakezmq.so.5",
         "-Wl,-rpath,$ORIGIN",
     )
     assert run_program("track_fake.py", str(backend), env={"ZMQFORK_DISABLE": "fdtrack"}) is True

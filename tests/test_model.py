@@ -23,7 +23,11 @@ step was a fork).  Runs in CI with a fixed seed and bounded counts (about
 ``ZMQFORK_MODEL_EXAMPLES`` and ``ZMQFORK_MODEL_STEPS`` explore further, and
 ``--hypothesis-show-statistics`` shows what the forks covered.
 
-Teardown steers clear of one libzmq crash:
+In the parent, the socket is checked too: a peer connected to one of its
+inproc binds reaches it (a PULL gets what the peer sends, a SUB the probes
+its subscriptions match).
+
+The test steers clear of two libzmq crashes:
 
 - libzmq 4.3.5 crashes (SIGSEGV, use after free in the reaper thread or in
   ``zmq_ctx_term``) when a socket closed with two or more pending inproc
@@ -31,6 +35,11 @@ Teardown steers clear of one libzmq crash:
   tests/libzmq_pending_term_crash.py, a pyzmq-only reproduction.  Teardown
   therefore binds a peer on every connect endpoint before destroying the
   contexts, so that no connect is pending when they are terminated.
+- libzmq 4.3.5 crashes (SIGSEGV in ``zmq_setsockopt``) when SNDHWM or RCVHWM
+  is set on a socket soon after an inproc peer of it closed: see
+  tests/libzmq_hwm_after_peer_close_crash.py (this test crashed 2 runs in 6
+  when it closed its parent-side peers after each check).  The parent-side
+  peers therefore stay open until the contexts are destroyed.
 """
 
 from __future__ import annotations
@@ -112,6 +121,7 @@ class ForkModel(RuleBasedStateMachine):
         # (endpoint asked for, what the proxy got, what the twin got)
         self.binds: List[Tuple[str, str, str]] = []
         self.checked = False  # has a child checked the model as it is now?
+        self.parent_peers: List[zmq.Socket] = []  # the receive rule's peers, open until teardown
         for endpoint in connects:
             self.connect(endpoint)
         if self.type == zmq.SUB:
@@ -218,11 +228,41 @@ class ForkModel(RuleBasedStateMachine):
         # Queued in the parent (nobody reads): must never reach a child's peer.
         self.both(lambda s: s.send(b"from the parent", zmq.NOBLOCK))
 
-    @precondition(lambda self: self.type != zmq.PUSH)
-    @rule()
-    def receive(self) -> None:
-        with pytest.raises(zmq.Again):
-            self.sock.recv(zmq.NOBLOCK)
+    @precondition(lambda self: self.type != zmq.PUSH and self.inproc_binds())
+    @rule(data=st.data())
+    def receive(self, data: st.DataObject) -> None:
+        """In the parent, a peer connected to one of the socket's inproc binds reaches it as the model says.
+
+        A PULL receives what the peer sends; a SUB the probes its
+        subscriptions match, once each.  The peer stays, idle, until the
+        context is destroyed (see the module docstring), and the socket's
+        children rebuild from the recipe alone: the model does not change.
+        """
+        endpoint = data.draw(st.sampled_from(self.inproc_binds()))
+        peer = self.ctx.socket(zmq.PUSH if self.type == zmq.PULL else zmq.XPUB)
+        self.parent_peers.append(peer)  # kept: a collected socket is closed
+        peer.sndtimeo = PEER_TIMEOUT_MS
+        if self.type == zmq.SUB:
+            peer.xpub_verbose = 1
+        peer.connect(endpoint)
+        self.sock.get(zmq.EVENTS)  # let the socket process the peer's attach command
+        if self.type == zmq.PULL:
+            peer.send(b"from a parent peer")
+            expected = [b"from a parent peer"]
+        else:
+            _wait_for_subscriptions(peer, {topic: 1 for topic, n in self.subscriptions.items() if n})
+            for probe in PROBES:
+                peer.send(probe)
+            expected = self.matching_probes()
+        # Polled: the socket's own RCVTIMEO is the model's to set.
+        got = []
+        while len(got) < len(expected) and self.sock.poll(PEER_TIMEOUT_MS):
+            got.append(self.sock.recv(zmq.NOBLOCK))
+        assert sorted(got) == sorted(expected)
+        assert self.sock.poll(0) == 0, "more than the peer sent"
+
+    def inproc_binds(self) -> List[str]:
+        return [endpoint for endpoint, _, _ in self.binds if endpoint.startswith("inproc://")]
 
     @invariant()
     def parent_options_match(self) -> None:
@@ -260,15 +300,16 @@ class ForkModel(RuleBasedStateMachine):
         inproc_bound = [endpoint for endpoint, _, _ in self.binds if endpoint.startswith("inproc://")]
         return Counter(self.connects) + Counter(inproc_bound)
 
+    def matching_probes(self) -> List[bytes]:
+        """The probes a SUB gets, once per connection, under the model's subscriptions."""
+        topics = [topic for topic, n in self.subscriptions.items() if n]
+        return [probe for probe in PROBES if any(probe.startswith(topic) for topic in topics)]
+
     def expected_traffic(self) -> Dict[str, Any]:
         pipes = self.pipes()
         if self.type == zmq.SUB:
-            topics = [topic for topic, n in self.subscriptions.items() if n]
-            expected = {}
-            for endpoint, n in pipes.items():
-                matching = [probe for probe in PROBES if any(probe.startswith(topic) for topic in topics)]
-                if matching:
-                    expected[endpoint] = sorted(matching * n)
+            matching = self.matching_probes()
+            expected = {endpoint: sorted(matching * n) for endpoint, n in pipes.items() if matching}
             return dict(sorted(expected.items()))
         return dict(sorted(pipes.items()))
 
@@ -349,18 +390,7 @@ class ForkModel(RuleBasedStateMachine):
         active = [topic for topic, n in self.subscriptions.items() if n]
         deadline = time.monotonic() + PEER_TIMEOUT_MS / 1000
         for endpoint, peer in peers.items():
-            # A connection announces each active topic at least once (on
-            # attach, or when subscribed later); wait for that, then take
-            # whatever else is queued (repeats, unsubscriptions).
-            missing = Counter({b"\x01" + topic: expected.get(endpoint, 0) for topic in active})
-            while +missing and time.monotonic() < deadline:
-                try:
-                    message = peer.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    peer.poll(10)
-                    continue
-                missing[message] -= 1
-            _receive(peer, 0)
+            _wait_for_subscriptions(peer, {topic: expected.get(endpoint, 0) for topic in active}, deadline)
         for endpoint, peer in peers.items():
             for probe in PROBES:
                 peer.send(probe + b"@" + endpoint.encode())
@@ -370,6 +400,26 @@ class ForkModel(RuleBasedStateMachine):
             probe, _, endpoint = message.partition(b"@")
             seen.setdefault(endpoint.decode(), []).append(probe)
         return {endpoint: sorted(probes) for endpoint, probes in seen.items()}
+
+
+def _wait_for_subscriptions(peer: zmq.Socket, connections: Dict[bytes, int], deadline: Optional[float] = None) -> None:
+    """Until ``deadline``, let XPUB ``peer`` receive each topic's subscription from each of its ``connections``.
+
+    A connection announces each active topic at least once (on attach, or
+    when subscribed later); wait for that, then take whatever else is queued
+    (repeats, unsubscriptions).
+    """
+    if deadline is None:
+        deadline = time.monotonic() + PEER_TIMEOUT_MS / 1000
+    missing = Counter({b"\x01" + topic: n for topic, n in connections.items()})
+    while +missing and time.monotonic() < deadline:
+        try:
+            message = peer.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            peer.poll(10)
+            continue
+        missing[message] -= 1
+    _receive(peer, 0)
 
 
 def _receive(sock: zmq.Socket, wanted: int) -> List[bytes]:

@@ -473,7 +473,8 @@ static int load_target(void *lib)
         if (*table[i].fn == NULL)
             return check(0, "target_symbols", "%s: %s", table[i].name, dlerror());
     }
-    return check(1, "target_symbols", "-");
+    info("target_symbols", "all %zu found", sizeof table / sizeof table[0]);
+    return 1;
 }
 
 /* "start-end perms" of every mapping of `path`, one per line. */
@@ -702,7 +703,7 @@ static int scenario_hook(const char *path, const char *order)
                  socket(12345, SOCK_STREAM, 0));
     SAME_FAILURE("eventfd_bad_flags", t.eventfd(0, -1), eventfd(0, -1));
     SAME_FAILURE("dup_bad_fd", t.dup(-1), dup(-1));
-    SAME_FAILURE("epoll_create_bad_size", t.epoll_create(0), epoll_create(0));
+    SAME_FAILURE("epoll_create1_bad_flags", t.epoll_create1(-1), epoll_create1(-1));
     SAME_FAILURE("open_missing", t.open("/nonexistent/zmqfork", O_RDONLY),
                  open("/nonexistent/zmqfork", O_RDONLY));
 

@@ -10,9 +10,7 @@ if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER: orphans come back
     raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 import zmqfork as zmq
-
-def fd_count():
-    return len(os.listdir("/proc/self/fd")) - 1  # not the listing's own descriptor
+from zmqfork._children import open_fds
 
 ctx = zmq.Context()
 pull = ctx.socket(zmq.PULL)
@@ -28,7 +26,7 @@ if os.fork() == 0:
         while True:
             for obj in inherited:  # drop what the parent made, without libzmq
                 obj.close() if isinstance(obj, zmq.Socket) else obj.term()
-            count = fd_count()
+            count = len(open_fds())
             c = zmq.Context()
             push = c.socket(zmq.PUSH)
             push.connect(address)

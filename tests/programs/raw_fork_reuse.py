@@ -22,11 +22,7 @@ import sys
 import tempfile
 
 import zmqfork
-from forking import fork_with, wait_child
-
-
-def open_fds() -> set:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
+from forking import fork_with, open_fds, wait_child
 
 
 def libzmq_descriptors(ctx: zmqfork.Context) -> list:
