@@ -519,3 +519,19 @@ def test_bad_socket_classes_and_policies_are_named() -> None:
         assert ctx.socket(pyzmq.PUSH).on_fork == "rebind"
     finally:
         ctx.destroy(linger=0)
+
+
+def test_the_address_of_a_closed_socket_is_no_longer_its_own(ctx: zmqfork.Context) -> None:
+    """Once a zmqfork socket or context closed its libzmq object (whose memory libzmq may reuse), its address is foreign."""
+    from zmqfork._generation import origin_in_family
+
+    sock = ctx.socket(pyzmq.PUSH)
+    address = sock.underlying
+    assert origin_in_family(address, zmqfork.Socket) is sock
+    sock.close()
+    assert origin_in_family(address, zmqfork.Socket) is None
+    other = zmqfork.Context()
+    context_address = other.underlying
+    assert origin_in_family(context_address, zmqfork.Context) is other
+    other.term()
+    assert origin_in_family(context_address, zmqfork.Context) is None

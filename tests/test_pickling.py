@@ -188,6 +188,7 @@ def test_asyncio_sockets_and_shadows_pickle() -> None:
 def test_what_cannot_travel_is_refused_when_pickling() -> None:
     """Closed objects, inproc endpoints, monitors, foreign shadows and odd option values are refused, saying why."""
     ctx = zmqfork.Context()
+    plain = pyzmq.Context()
     secret = pyzmq.curve_keypair()[1]
     try:
         closed = ctx.socket(pyzmq.PUSH)
@@ -197,7 +198,6 @@ def test_what_cannot_travel_is_refused_when_pickling() -> None:
         inproc.connect("inproc://here")
         monitored = ctx.socket(pyzmq.PUSH)
         monitored.get_monitor_socket()
-        plain = pyzmq.Context()
         plain_push = plain.socket(pyzmq.PUSH)
         foreign = zmqfork.Socket.shadow(plain_push.underlying)
         terminated = zmqfork.Context()
@@ -213,6 +213,6 @@ def test_what_cannot_travel_is_refused_when_pickling() -> None:
             with pytest.raises(TypeError, match=reason) as info:
                 pickle.dumps(obj)
             assert secret.decode() not in str(info.value)
-        plain.destroy(linger=0)
     finally:
+        plain.destroy(linger=0)
         ctx.destroy(linger=0)

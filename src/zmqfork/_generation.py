@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Protocol, Tuple
 from zmqfork._afterfork import run_after_fork_callbacks
 from zmqfork._native import NOTICED_FLAG, TOKEN, refresh
 
-__all__ = ["TOKEN", "NOTICED_FLAG", "NOTICED", "notice", "check_fork", "generation_lock", "adopt", "own_handle", "family", "origin_in_family",
+__all__ = ["TOKEN", "NOTICED_FLAG", "NOTICED", "notice", "check_fork", "generation_lock", "adopt", "own_handle", "disown_handle", "family", "origin_in_family",
            "let_go_instead_of_del", "Inherited"]
 
 
@@ -68,12 +68,20 @@ def own_handle(obj: Any, address: int) -> None:
         _weakly(_by_handle, address, obj)
 
 
+def disown_handle(obj: Any, address: int) -> None:
+    """``obj`` is about to close the libzmq object at ``address``, whose memory libzmq may then reuse."""
+    ref = _by_handle.get(address)
+    if ref is not None and ref() is obj:
+        _by_handle.pop(address, None)
+
+
 def origin_in_family(shadow: Any, cls: type) -> Any:
     """The zmqfork ``cls`` object that ``shadow`` (such an object, or a libzmq address) stands for; None if foreign.
 
     An address of this generation's libzmq object or of one inherited from
-    the parent (taken before the fork) both stand for the object.  A shadow of
-    a shadow stands for the first one's origin.
+    the parent (taken before the fork) both stand for the object; the address
+    of one it closed does not (``disown_handle``: libzmq may reuse it).  A
+    shadow of a shadow stands for the first one's origin.
     """
     found: Any = shadow
     if isinstance(shadow, int) and not isinstance(shadow, bool):

@@ -21,6 +21,7 @@ from zmqfork._generation import (
     NOTICED_FLAG,
     TOKEN,
     adopt,
+    disown_handle,
     generation_lock,
     let_go_instead_of_del,
     notice,
@@ -245,6 +246,7 @@ class Context(zmq.Context[Socket[bytes]]):
         In a forked child that never used it, nothing is called in libzmq.
         """
         if self._zf_gen == TOKEN[0]:
+            disown_handle(self, _HANDLE.__get__(self))
             super().term()
         else:
             self._zf_mark_inherited()

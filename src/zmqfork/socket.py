@@ -25,6 +25,7 @@ from zmqfork._generation import (
     NOTICED_FLAG,
     TOKEN,
     adopt,
+    disown_handle,
     generation_lock,
     let_go_instead_of_del,
     notice,
@@ -364,6 +365,7 @@ class Socket(zmq.Socket[_RecvT_co]):
             if self.context:
                 self.context._rm_socket(self)
             return
+        disown_handle(self, _HANDLE.__get__(self))
         super().close(linger)
         self.__dict__["_zf_closed"] = True
 
