@@ -281,6 +281,11 @@ def _origin_of(shadow: Any) -> Optional[Context]:
 _fork_safe_classes: Dict[Any, Any] = {}
 
 
+def _fork_safe_twin(cls: type, *bases: type) -> type:
+    """A class named and documented as ``cls``, made of ``bases`` (``cls`` and a zmqfork class, in MRO order)."""
+    return type(cls.__name__, bases, {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
 def fork_safe_socket_class(cls: Type[zmq.Socket[Any]]) -> Type[Socket[Any]]:
     """The zmqfork socket class to make where the ``zmq.Socket`` subclass ``cls`` was asked for.
 
@@ -301,9 +306,9 @@ def fork_safe_socket_class(cls: Type[zmq.Socket[Any]]) -> Type[Socket[Any]]:
         elif future is not None and issubclass(cls, future._AsyncSocket):
             from zmqfork._asyncsocket import AwaitableSocket
 
-            safe = type(cls.__name__, (AwaitableSocket, cls, Socket), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+            safe = _fork_safe_twin(cls, AwaitableSocket, cls, Socket)
         else:
-            safe = type(cls.__name__, (cls, Socket), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+            safe = _fork_safe_twin(cls, cls, Socket)
         _fork_safe_classes[cls] = safe
     return safe  # type: ignore[no-any-return]
 
@@ -326,6 +331,6 @@ def fork_safe_context_class(cls: Type[zmq.Context[Any]]) -> Type[Context]:
 
             base = AsyncContext
         pyzmq_own = cls is zmq.Context or (aio is not None and cls is aio.Context)
-        safe = base if pyzmq_own else type(cls.__name__, (cls, base), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+        safe = base if pyzmq_own else _fork_safe_twin(cls, cls, base)
         _fork_safe_classes[cls] = safe
     return safe  # type: ignore[no-any-return]
