@@ -378,14 +378,15 @@ def test_secrets_never_reach_a_log_line_or_a_rebuild_error(ctx: zmq.Context) -> 
             assert form not in text
 
 
-def test_import_leaves_logging_and_dataclasses_to_the_application() -> None:
-    """Importing zmqfork loads neither logging (its fork hooks slow every os.fork) nor dataclasses (inspect, ast)."""
+def test_import_loads_nothing_heavy_from_the_standard_library() -> None:
+    """Importing zmqfork loads neither logging (its fork hooks slow every os.fork), dataclasses (inspect, ast)
+    nor importlib.abc (importlib.resources, pathlib, tempfile, shutil, bz2, lzma): memory every fork copies."""
     import subprocess
     import sys
 
     probe = (
         "import sys, zmq; before = set(sys.modules); import zmqfork; "
-        "print(' '.join(sorted({'logging', 'dataclasses', 'inspect', 'ast'} & (set(sys.modules) - before))))"
+        "print(' '.join(sorted({'logging', 'dataclasses', 'inspect', 'ast', 'importlib.abc', 'importlib.resources', 'pathlib', 'tempfile', 'shutil'} & (set(sys.modules) - before))))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -17,7 +17,6 @@ sockets.
 
 from __future__ import annotations
 
-import importlib.abc
 import sys
 import weakref
 from types import ModuleType
@@ -174,8 +173,10 @@ def _install(owner: Any, name: str, wrapper: Callable[[Any], None], original: Ca
     setattr(owner, name, wrapper)
 
 
-class _WhenImported(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the loader of one module so that a hook runs right after the module executes."""
+class _WhenImported:
+    """A meta path finder that finds nothing itself: it wraps the loader of one module so that a hook runs
+    right after the module executes.  (Not an ``importlib.abc.MetaPathFinder``: that module imports
+    ``importlib.resources``, pathlib, tempfile and shutil, memory every later fork copies.)"""
 
     def __init__(self, name: str, hook: Callable[[ModuleType], None]) -> None:
         self.name = name
