@@ -33,6 +33,7 @@ struct zmqfork_fdtrack_counts {
     long closed_last;
     long closed_total;
     long untracked;
+    long cleanup_ns;
 };
 void zmqfork_fdtrack_counts(struct zmqfork_fdtrack_counts *out);
 int zmqfork_fdtrack_is_tracked(int fd);

@@ -16,12 +16,13 @@
  *   - close() removes the number from the table *before* the real close, so a
  *     number another thread gets back from the kernel right after is never in
  *     the table by mistake.
- *   - A tracked number carries the print of its file (st_dev, st_ino),
- *     stored before its bit is set; the cleanup closes a number only if it
- *     still shows that print, and, when deferred, only if it is a socket,
- *     kcmp() against the parent confirms it, or it is an eventfd or epoll
- *     carrying libzmq's mark (see identify() in fdtrack_table.c, and the
- *     INVARIANT in zmqfork.h).
+ *   - A tracked number's open file description carries libzmq's mark
+ *     (F_SETSIG), and the number the print of its file (st_dev, st_ino),
+ *     both stored before its bit is set; the cleanup closes a number only if
+ *     its description still carries the mark, and, when deferred, only if it
+ *     also shows that print and is a socket, kcmp() against the parent
+ *     confirms it, or it is an eventfd or epoll (see identify() in
+ *     fdtrack_table.c, and the INVARIANT in zmqfork.h).
  *   - The real call and its table update happen inside the *gate*; the
  *     prepare handler closes the gate and waits (at most GATE_WAIT_NS) until
  *     no call of another thread is inside, so in the child the table says
@@ -144,9 +145,12 @@ struct print {
     uint64_t ino;
 };
 
-/* The mark on eventfd and epoll descriptions libzmq made (fdtrack_hooks.c's
- * marked()): F_SETSIG to a signal these descriptors never deliver. */
-#define MARK_SIG 64
+/* The mark on every open file description libzmq made (fdtrack_table.c's
+ * mark()): F_SETSIG to a signal only O_ASYNC would deliver, to an owner set
+ * with F_SETOWN; libzmq sets neither, so nothing is ever sent.  62, not
+ * SIGRTMAX: qemu-user keeps the guest's two highest signals for itself and
+ * refuses them. */
+#define MARK_SIG 62
 #ifndef F_SETSIG
 #define F_SETSIG 10
 #define F_GETSIG 11

@@ -70,25 +70,6 @@ static __attribute__((noinline, cold)) void testing_pause(void)
 /* eventfd and epoll descriptors: the anonymous inode's print, when known. */
 #define ANON_PRINT zmqfork__table_anon_print()
 
-/*
- * Marks an eventfd or epoll descriptor libzmq made: F_SETSIG stores MARK_SIG
- * in its open file description, where every descriptor of it, in every
- * process, reads it back with F_GETSIG.  The signal would only be used for
- * O_ASYNC notification, which eventfd and epoll descriptors do not support.
- * A deferred cleanup that cannot ask the parent (gone, or kcmp refused) tells
- * libzmq's from the child's own by it: both show the one anonymous inode,
- * but only descriptions libzmq made carry the mark.  errno is kept.
- */
-static int marked(int fd)
-{
-    if (fd >= 0) {
-        int saved = errno;
-        (void)fcntl(fd, F_SETSIG, MARK_SIG);
-        errno = saved;
-    }
-    return fd;
-}
-
 static int hook_socket(int domain, int type, int protocol)
 {
     CREATE(socket(domain, type, protocol), NULL);
@@ -142,17 +123,17 @@ static int hook_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags
 
 static int hook_eventfd(unsigned int initval, int flags)
 {
-    CREATE(marked(eventfd(initval, flags)), ANON_PRINT);
+    CREATE(eventfd(initval, flags), ANON_PRINT);
 }
 
 static int hook_epoll_create1(int flags)
 {
-    CREATE(marked(epoll_create1(flags)), ANON_PRINT);
+    CREATE(epoll_create1(flags), ANON_PRINT);
 }
 
 static int hook_epoll_create(int size)
 {
-    CREATE(marked(epoll_create(size)), ANON_PRINT);
+    CREATE(epoll_create(size), ANON_PRINT);
 }
 
 static int hook_dup(int fd)

@@ -3,8 +3,8 @@
  * and the question a child's cleanup asks of each number: is it still
  * libzmq's file?  Contract: fdtrack.h (internal), zmqfork.h (the counters,
  * is_tracked, snapshot).  Everything here is lock-free atomics and plain
- * syscalls (fstat, fcntl, kcmp, close): async-signal-safe, no allocation
- * after zmqfork__table_init().
+ * syscalls (fstat, fcntl, kcmp, close, close_range): async-signal-safe, no
+ * allocation after zmqfork__table_init().
  */
 #define _GNU_SOURCE
 #include "zmqfork.h"
@@ -21,6 +21,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define TABLE_MIN_BITS 4096u
@@ -45,6 +46,7 @@ static long tracked_now;
 static long closed_last;
 static long closed_total;
 static long untracked;
+static long cleanup_ns;
 
 static void take_print(int fd, struct print *out)
 {
@@ -99,8 +101,25 @@ int zmqfork__table_init(void)
 }
 
 /*
- * Records `fd` as libzmq's, with its print (`known`, or fstat's).  The print
- * is stored before the entry is visible, so a fork (a raw one, or one from a
+ * Marks the open file description at `fd` as one libzmq made: F_SETSIG
+ * stores MARK_SIG in it, where every descriptor of it, in every process,
+ * reads it back with F_GETSIG.  The signal is used only for O_ASYNC
+ * notification, which libzmq never turns on.  Returns 0 if the mark could
+ * not be set.  errno is kept.
+ */
+static int mark(int fd)
+{
+    int saved = errno;
+    int done = fcntl(fd, F_SETSIG, MARK_SIG) == 0;
+    errno = saved;
+    return done;
+}
+
+/*
+ * Records `fd` as libzmq's, with its print (`known`, or fstat's), and marks
+ * its description; if the mark cannot be set, the print is left unknown (the
+ * cleanup then cannot tell the number's file and leaves it open, counted).
+ * The print is stored before the entry is visible, so a fork (a raw one, or one from a
  * signal handler) between the two steps leaves no entry, never one with a
  * print of something else.  Tracking a number already tracked (dup2/dup3
  * onto libzmq's own descriptor) replaces its print and adds no duplicate.
@@ -109,11 +128,13 @@ void zmqfork__track(int fd, const struct print *known)
 {
     if (fd < 0)
         return;
-    struct print print;
-    if (known != NULL)
-        print = *known;
-    else
-        take_print(fd, &print);
+    struct print print = {0, 0};
+    if (mark(fd)) {
+        if (known != NULL)
+            print = *known;
+        else
+            take_print(fd, &print);
+    }
     if ((unsigned int)fd < nbits) {
         /* `high` first: a fork between the two steps (from a signal handler,
          * or a raw clone) must not leave a set bit the cleanup does not scan. */
@@ -226,19 +247,37 @@ struct asker {
     pid_t self;
 };
 
+/*
+ * Every tracked description carries the mark (zmqfork__track; a number whose
+ * mark failed has no print), so one fcntl() answers at a fork that ran the
+ * handlers: there the table is exact, and the only way a tracked number can
+ * hold something else is the application's doing (its dup2 onto it, or its
+ * close and a reuse), which puts a description without the mark there.  A
+ * deferred cleanup follows the child's own code, which may have moved
+ * libzmq's descriptions around (dup2 of one onto another's number): there the
+ * mark says only "one of libzmq's", and the number must also show its print
+ * (a socket's inode belongs to exactly one open file description), or
+ * kcmp() must find the parent holding the same file at that number, or it is
+ * an eventfd or epoll (all share the anonymous inode; the child has none
+ * with the mark of its own).
+ */
 static enum identity identify(int fd, const struct print *recorded, int deferred, struct asker *kcmp)
 {
-    struct stat st;
-    if (fstat(fd, &st) != 0)
+    int sig = fcntl(fd, F_GETSIG);
+    if (sig < 0)
         return errno == EBADF ? ID_GONE : ID_UNKNOWN;
     if (recorded->dev == 0 && recorded->ino == 0)
         return ID_UNKNOWN;
+    if (sig != MARK_SIG)
+        return ID_OTHER;
+    if (!deferred)
+        return ID_OURS;
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return ID_UNKNOWN;
     if ((uint64_t)st.st_dev != recorded->dev || (uint64_t)st.st_ino != recorded->ino)
         return ID_OTHER;
-    /* At a fork that ran the handlers the table is exact, so a matching print
-     * can only be libzmq's own file (see the top).  A socket's inode belongs
-     * to exactly one open file description, so its print is its identity. */
-    if (!deferred || S_ISSOCK(st.st_mode))
+    if (S_ISSOCK(st.st_mode))
         return ID_OURS;
 #ifdef SYS_kcmp
     if (kcmp->parent > 0) {
@@ -252,12 +291,25 @@ static enum identity identify(int fd, const struct print *recorded, int deferred
 #else
     (void)kcmp;
 #endif
-    /* Not the parent's file at that number now (or no parent to ask): an
-     * eventfd or epoll description libzmq made carries its mark; the child's
-     * own do not. */
-    if (fcntl(fd, F_GETSIG) == MARK_SIG)
+    if (anon_known && recorded->dev == anon_print.dev && recorded->ino == anon_print.ino)
         return ID_OURS;
     return ID_UNKNOWN;
+}
+
+/*
+ * Closes [first, first + count): numbers identify() just called libzmq's,
+ * in a child made by a fork that ran the handlers (one thread, nothing runs
+ * between the two steps).  One close_range() for a run of them; close() each
+ * where the kernel has none (before 5.9).
+ */
+static void close_run(int first, int count)
+{
+#ifdef SYS_close_range
+    if (count > 1 && syscall(SYS_close_range, (unsigned int)first, (unsigned int)(first + count - 1), 0u) == 0)
+        return;
+#endif
+    for (int fd = first; fd < first + count; fd++)
+        (void)close(fd); /* close only: the description is shared */
 }
 
 /*
@@ -268,6 +320,8 @@ static enum identity identify(int fd, const struct print *recorded, int deferred
  */
 void zmqfork__table_cleanup(int deferred, pid_t parent, long in_flight)
 {
+    struct timespec start, end;
+    (void)clock_gettime(CLOCK_MONOTONIC, &start); /* async-signal-safe */
     uint64_t *map = __atomic_load_n(&bitmap, __ATOMIC_ACQUIRE);
     long closed = 0, leaked = in_flight;
     if (map != NULL) {
@@ -280,6 +334,10 @@ void zmqfork__table_cleanup(int deferred, pid_t parent, long in_flight)
         if (zmqfork__slots_repair())
             zmqfork__table_forget();
         struct asker kcmp = {parent, getpid()};
+        /* Consecutive numbers found libzmq's, not closed yet (inside the fork
+         * only: a deferred cleanup closes each at once, as the child's other
+         * threads may be closing and opening descriptors meanwhile). */
+        int run_first = 0, run_count = 0;
         unsigned int words = (__atomic_load_n(&high, __ATOMIC_RELAXED) + 63) / 64;
         for (unsigned int w = 0; w < words; w++) {
             uint64_t bits = map[w];
@@ -290,14 +348,27 @@ void zmqfork__table_cleanup(int deferred, pid_t parent, long in_flight)
                 int fd = (int)(w * 64 + (unsigned int)__builtin_ctzll(bits));
                 bits &= bits - 1;
                 enum identity id = identify(fd, &prints[fd], deferred, &kcmp);
-                if (id == ID_OURS) {
-                    (void)close(fd); /* close only: the description is shared */
-                    closed++;
-                } else {
+                if (id != ID_OURS) {
                     leaked += id == ID_UNKNOWN;
+                    continue;
+                }
+                closed++;
+                if (run_count > 0 && fd == run_first + run_count) {
+                    run_count++;
+                    continue;
+                }
+                if (run_count > 0)
+                    close_run(run_first, run_count);
+                run_first = fd;
+                run_count = 1;
+                if (deferred) {
+                    close_run(fd, 1);
+                    run_count = 0;
                 }
             }
         }
+        if (run_count > 0)
+            close_run(run_first, run_count);
         for (int i = 0; i < OVERFLOW_SLOTS; i++) {
             int fd = overflow[i].fd;
             if (fd < 0)
@@ -317,6 +388,9 @@ void zmqfork__table_cleanup(int deferred, pid_t parent, long in_flight)
     __atomic_store_n(&closed_last, closed, __ATOMIC_RELAXED);
     __atomic_add_fetch(&closed_total, closed, __ATOMIC_RELAXED);
     __atomic_add_fetch(&untracked, leaked, __ATOMIC_RELAXED);
+    (void)clock_gettime(CLOCK_MONOTONIC, &end);
+    __atomic_store_n(&cleanup_ns, (end.tv_sec - start.tv_sec) * 1000000000L + (end.tv_nsec - start.tv_nsec),
+                     __ATOMIC_RELAXED);
 }
 
 /* ---- exported: zmqfork.h ---- */
@@ -327,6 +401,7 @@ void zmqfork_fdtrack_counts(struct zmqfork_fdtrack_counts *out)
     out->closed_last = __atomic_load_n(&closed_last, __ATOMIC_RELAXED);
     out->closed_total = __atomic_load_n(&closed_total, __ATOMIC_RELAXED);
     out->untracked = __atomic_load_n(&untracked, __ATOMIC_RELAXED);
+    out->cleanup_ns = __atomic_load_n(&cleanup_ns, __ATOMIC_RELAXED);
 }
 
 int zmqfork_fdtrack_is_tracked(int fd)

@@ -101,41 +101,38 @@ int zmqfork_atfork_errno(void);
  * close go through wrappers that record which descriptors libzmq owns, each
  * with a *print*: the st_dev and st_ino fstat() gave when it was recorded.
  * The wrappers return exactly what the real call returns, with its errno.
- * In a forked child the table's descriptors are closed with close() and
- * nothing else (the open file descriptions are shared with the parent):
+ * In a forked child the table's descriptors are closed with close() (or
+ * close_range()) and nothing else (the open file descriptions are shared
+ * with the parent):
  * before any other code of the child runs (atfork child handler), or, after a
  * fork that skipped the handlers, at the first zmqfork_refresh() or hooked
  * call (a *deferred* cleanup).  The cleanup runs once per process.
  *
  * INVARIANT: the child never closes a descriptor that is not, at that
  * moment, the very open file description libzmq had in the parent.
- *   - Each number is fstat()ed first: closed already, or showing another file
- *     than its print (taken over by the application's dup2, or closed and
- *     reused), it is left alone.
- *   - Inside the fork the table is exact (the fork gate below), so a number
- *     that still shows its print is libzmq's.  A deferred cleanup follows
- *     the child's own code, which may have closed libzmq's number and opened
- *     another file of the same inode there (every eventfd and epoll shares
- *     the kernel's one anonymous inode): it closes a socket on its print (a
- *     socket's inode belongs to exactly one open file description) and
- *     anything else only where kcmp(KCMP_FILE) says it is the very file the
- *     parent, still alive and still its parent, holds at that number, or
- *     else, for an eventfd or epoll, where its open file description carries
- *     the mark the wrapper put there when libzmq made it (F_SETSIG to a
- *     signal these descriptors never deliver; the child's own descriptors
- *     have none).  Where it cannot tell (an open() file or pipe with the
+ *   - Every descriptor libzmq makes has its open file description marked
+ *     (F_SETSIG to a signal only O_ASYNC would deliver, which libzmq never
+ *     turns on; a description the application made has no such mark), and
+ *     its number's print recorded; a number whose mark could not be set is
+ *     never closed (counted as untracked).  Inside the fork the table is
+ *     exact (the fork gate below), so a tracked number whose description
+ *     carries the mark is libzmq's, and one without it was taken over by
+ *     the application (its dup2, or its close and a reuse): one fcntl() per
+ *     number tells, and runs of consecutive numbers are closed with one
+ *     close_range().  A deferred cleanup follows the child's own code, which
+ *     may have moved libzmq's descriptions between numbers: besides the
+ *     mark, it closes a socket on its print (a socket's inode belongs to
+ *     exactly one open file description), an eventfd or epoll on the mark
+ *     (the kernel's one anonymous inode is shared by all; the child's own
+ *     have no mark), and anything else only where kcmp(KCMP_FILE) says it
+ *     is the very file the parent, still alive and still its parent, holds
+ *     at that number.  Where it cannot tell (an open() file or pipe with the
  *     parent gone or kcmp refused), the descriptor stays open, counted as
- *     untracked: a leak, never a wrong close.  kcmp alone would not do: the
- *     parent may have exited, and inside the fork it cannot see a dup2 the
- *     application made before it; the print alone cannot tell two eventfds
- *     apart.
+ *     untracked: a leak, never a wrong close.
  *   - A close() slot of the hooked object (RELRO ones included) holding
  *     anything but the wrapper at a fork (the lazy binder's write, another
  *     library's hook, chaining or not) means close() calls may have bypassed
  *     the table: it is forgotten, its descriptors counted as untracked.
- *   Limit: inside the fork, an application that dup2()s its own eventfd or
- *   epoll onto a number libzmq still holds (taking libzmq's descriptor from
- *   under it) gets that descriptor closed in children.
  *
  * The fork gate: a fork waits for hooked calls in flight in other threads,
  * at most 100 ms, then proceeds; a hooked call waits for a pending fork at
@@ -218,8 +215,11 @@ const char *zmqfork_fdtrack_functions(void);
  *                 fit the table (beyond its size and overflow slots), those
  *                 a forgotten table held, those a deferred cleanup could not
  *                 identify, and hooked calls in flight at a fork the bounded
- *                 wait gave up on (one each).
- * Each is read with one atomic load, the four not as one snapshot.
+ *                 wait gave up on (one each);
+ *   cleanup_ns    how long the latest cleanup in this process took, in
+ *                 nanoseconds of CLOCK_MONOTONIC: identifying and closing
+ *                 libzmq's inherited descriptors (0 if none ran).
+ * Each is read with one atomic load, the five not as one snapshot.
  * Thread-safe, async-signal-safe.
  */
 struct zmqfork_fdtrack_counts {
@@ -227,6 +227,7 @@ struct zmqfork_fdtrack_counts {
     long closed_last;
     long closed_total;
     long untracked;
+    long cleanup_ns;
 };
 void zmqfork_fdtrack_counts(struct zmqfork_fdtrack_counts *out);
 

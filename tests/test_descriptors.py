@@ -186,6 +186,39 @@ def test_child_holds_no_libzmq_descriptor(kind: str) -> None:
         ctx.destroy(linger=0)
 
 
+@pytest.mark.parametrize("kind", ["os", "libc", "raw"])
+def test_application_descriptors_between_libzmq_runs_survive(kind: str) -> None:
+    """libzmq's numbers in runs broken by the application's own (closed a run at a time inside the fork):
+    every application pipe made between them works in the child, and none of libzmq's is open there."""
+    before = open_fds()
+    ctx = zmqfork.Context()
+    pipes: List[Tuple[int, int]] = []
+    keep = []
+    try:
+        for _ in range(4):
+            keep.append(roundtrip(ctx))
+            pipes.append(os.pipe())
+        mine = {fd for pair in pipes for fd in pair}
+        libzmq_fds = open_fds() - before - mine
+        assert libzmq_fds <= set(_native.fdtrack_tracked_fds())
+        assert min(mine) < max(libzmq_fds) and max(mine) > min(libzmq_fds), "the pipes do not break libzmq's runs"
+
+        def child() -> Dict[str, object]:
+            if kind == "raw":
+                zmqfork.generation()
+            for rd, wr in pipes:
+                os.write(wr, b"x")
+                assert os.read(rd, 1) == b"x"
+            return {"still_open": sorted(fd for fd in libzmq_fds if fd_identity(fd) is not None)}
+
+        assert run_in_child(child, kind=kind, timeout=30) == {"still_open": []}
+    finally:
+        ctx.destroy(linger=0)
+        for pair in pipes:
+            for fd in pair:
+                os.close(fd)
+
+
 def test_raw_clone_child_cleans_up_at_first_hooked_call() -> None:
     """After a raw clone, a child that makes a pyzmq context before any zmqfork call still loses the inherited descriptors, not the new one."""
     before = identities(open_fds())
@@ -839,11 +872,13 @@ def test_non_chaining_foreign_close_hook_in_relro() -> None:
     assert result["untracked"] >= 1  # type: ignore[index]
 
 
+@pytest.mark.parametrize("made", ["socket", "eventfd"])
 @pytest.mark.parametrize("kind", ["os", "libc", "raw"])
-def test_dup2_onto_a_tracked_number(kind: str, native_dir: Path) -> None:
-    """The application dup2()s its own file onto a number the hooked object's socket held: a child (every fork kind) keeps the file."""
+def test_dup2_onto_a_tracked_number(kind: str, made: str, native_dir: Path) -> None:
+    """The application dup2()s its own file onto a number the hooked object's socket or eventfd held (an eventfd
+    onto an eventfd: the same anonymous inode, told apart by libzmq's mark): a child (every fork kind) keeps the file."""
     lib = compile_so(native_dir / "hooktarget-dup2.so", [NATIVE / "hooktarget.c"])
-    result = run_program("dup2_takeover.py", str(lib), kind)
+    result = run_program("dup2_takeover.py", str(lib), kind, made)
     assert result == {"child_reads": "mine", "still_listed": True}
 
 

@@ -42,8 +42,8 @@ class DescriptorTracking(NamedTuple):
     process and its ancestors: those that did not fit the table, those a table
     found untrustworthy had to forget (a hooked close() slot held something
     else), those a cleanup after a fork that skipped the handlers could not
-    identify, and calls in flight at a fork that did not wait for them.  The
-    four counters are the fields of csrc/zmqfork.h's struct
+    identify, and calls in flight at a fork that did not wait for them;
+    ``cleanup_ns`` how long this process's cleanup took.  The five counters are the fields of csrc/zmqfork.h's struct
     zmqfork_fdtrack_counts, in its order.
     """
 
@@ -55,6 +55,7 @@ class DescriptorTracking(NamedTuple):
     closed_last: int
     closed_total: int
     untracked: int
+    cleanup_ns: int
 
 
 def backend_path() -> Optional[str]:

@@ -25,7 +25,10 @@ class Detection(NamedTuple):
     ``fds_closed``: closed in this process by the cleanup after the fork that
     made it; ``fds_closed_total``: by every cleanup in this process and its
     ancestors; ``fds_untracked``: libzmq's descriptors that may survive into a
-    child (see ``zmqfork._descriptors.DescriptorTracking.untracked``).
+    child (see ``zmqfork._descriptors.DescriptorTracking.untracked``);
+    ``fds_cleanup_ns``: how long the cleanup after the fork that made this
+    process took (identifying and closing the inherited descriptors), 0 if
+    none ran.
 
     ``foreign_threads``: the threads of this process other than the caller and
     libzmq's (``zmqfork.foreign_threads()``), whose state at a fork stays the
@@ -42,6 +45,7 @@ class Detection(NamedTuple):
     fds_closed: int = 0
     fds_closed_total: int = 0
     fds_untracked: int = 0
+    fds_cleanup_ns: int = 0
     foreign_threads: Tuple[ForeignThread, ...] = ()
 
 
@@ -51,6 +55,7 @@ COUNTER_FIELDS: Dict[str, str] = {
     "closed_last": "fds_closed",
     "closed_total": "fds_closed_total",
     "untracked": "fds_untracked",
+    "cleanup_ns": "fds_cleanup_ns",
 }
 
 
