@@ -68,6 +68,32 @@ def test_the_backends_socket_init_forgets_the_handle_before_it_refuses(plain: zm
     zmq.Socket.shadow(handle).close()  # the libzmq socket itself is untouched: closed here for real
 
 
+def test_the_sockets_handle_has_one_place_in_the_object() -> None:
+    """A shadow=ADDRESS backend socket holds ADDRESS in exactly one word of its memory, where NULL reads back as
+    ``underlying == 0``: zmqfork finds it at import and forgets inherited handles there (no exception raised)."""
+    from zmqfork._handles import handle_offset
+
+    assert handle_offset() is not None
+
+
+@pytest.mark.parametrize("way", ["offset", "init"])
+def test_forgetting_a_handle_keeps_the_rest_of_the_socket(way: str, plain: zmq.Context[Any]) -> None:
+    """Either way of forgetting a socket's handle (the found place, or __init__'s TypeError) leaves its context and copy
+    threshold as they were, and calls no libzmq: the libzmq socket itself is still open."""
+    from zmqfork._handles import handle_offset, nulling_handle
+
+    forget = nulling_handle(handle_offset() if way == "offset" else None)
+    sock = plain.socket(zmq.PUSH)
+    sock.copy_threshold = 1234
+    handle = sock.underlying
+    forget(sock)
+    assert (sock.underlying, sock.context, sock.copy_threshold) == (0, plain, 1234)
+    BackendSocket.__dict__["_closed"].__set__(sock, True)  # its handle is gone: pyzmq must not close it
+    real = zmq.Socket.shadow(handle)
+    assert real.get(zmq.TYPE) == zmq.PUSH  # the libzmq socket is alive
+    real.close()
+
+
 def test_terminating_a_closed_context_only_forgets_its_handle() -> None:
     """Context.term() on a context whose closed flag is set calls no zmq_ctx_destroy and sets the handle to NULL."""
     ctx = zmq.Context()

@@ -38,6 +38,9 @@ __all__ = [
     "testing_fdtrack_table_size",
     "testing_fdtrack_fail_patch",
     "guard_recursive_mutex",
+    "WORD_SIZE",
+    "words_at",
+    "store_null",
 ]
 
 #: Environment variable naming features to switch off, comma-separated:
@@ -247,3 +250,18 @@ def guard_recursive_mutex(address: int) -> None:
     rc = lib.zmqfork_guard_recursive_mutex(ffi.cast("void *", address))
     if rc != 0:
         raise OSError(rc, f"zmqfork could not guard the mutex at {address:#x}: {os.strerror(rc)}")
+
+
+#: The size of a pointer, in bytes.
+WORD_SIZE: int = ffi.sizeof("uintptr_t")
+
+
+def words_at(address: int, count: int) -> list[int]:
+    """The ``count`` pointer-sized words stored at ``address`` (memory the caller knows to be that long)."""
+    words = ffi.cast("uintptr_t *", address)
+    return [int(words[i]) for i in range(count)]
+
+
+def store_null(address: int) -> None:
+    """Store a NULL pointer at ``address`` (a pointer field the caller has found)."""
+    ffi.cast("void **", address)[0] = ffi.NULL

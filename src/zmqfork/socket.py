@@ -21,6 +21,7 @@ import zmq
 from zmq.backend import Socket as _BackendSocket
 
 from zmqfork import _log
+from zmqfork._handles import handle_offset, nulling_handle
 from zmqfork._generation import (
     NOTICED_FLAG,
     TOKEN,
@@ -50,6 +51,7 @@ _backend_recv_into = _BackendSocket.recv_into
 # pyzmq's flag and handle, read and written without calling libzmq.
 _CLOSED_FLAG: Any = _BackendSocket.__dict__["_closed"]
 _HANDLE: Any = _BackendSocket.__dict__["underlying"]
+_null_handle = nulling_handle(handle_offset())
 
 
 #: What recv returns, as in pyzmq's ``zmq.Socket[bytes]`` (its asyncio sockets return futures).
@@ -240,8 +242,8 @@ class Socket(zmq.Socket[_RecvT_co]):
         group: Optional[str] = None,
     ) -> Optional[zmq.MessageTracker]:
         """Send one message frame; see ``zmq.Socket.send``."""
-        if not NOTICED_FLAG[0]:
-            notice()
+        if not NOTICED_FLAG[0]:  # the first call since a fork: rebuild before the call, not after it fails
+            self._zf_live()
         if routing_id is None and group is None:
             try:
                 return _backend_send(self, data, flags, copy, track)
@@ -256,7 +258,7 @@ class Socket(zmq.Socket[_RecvT_co]):
     def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
         """Receive one message frame; see ``zmq.Socket.recv``."""
         if not NOTICED_FLAG[0]:
-            notice()
+            self._zf_live()
         try:
             return _backend_recv(self, flags, copy, track)
         except zmq.ZMQError:
@@ -400,12 +402,7 @@ def forget_handle(sock: zmq.Socket[Any]) -> None:
     """Mark a pyzmq socket closed and set its handle to NULL, without calling libzmq."""
     _CLOSED_FLAG.__set__(sock, True)
     if _HANDLE.__get__(sock):
-        context, threshold = sock.context, sock.copy_threshold
-        try:  # pyzmq's __init__ sets the handle to NULL first, then refuses: no context given
-            _BackendSocket.__init__(sock)
-        except TypeError:
-            pass
-        sock.context, sock.copy_threshold = context, threshold
+        _null_handle(sock)
 
 
 def _text(endpoint: Union[str, bytes]) -> str:
