@@ -45,9 +45,12 @@
  *   pending (it would wait for one) runs outside the gate (counted in
  *   `outside`), its table update inside; a call that blocks inside (open of a
  *   FIFO, an accept whose client another process took) holds a fork back for
- *   the bound only.  A wrapper leaves the gate through a cleanup attribute,
- *   so a cancellation unwinding it (the module is built with -fexceptions)
- *   leaves the gate too.
+ *   the bound only.  A wrapper leaves the gate through an exit guard (below):
+ *   on return, and with glibc also when a cancellation or a longjmp() out of
+ *   a signal handler discards its frame, exactly once.  musl's longjmp runs
+ *   no cleanup and its cancellation does not unwind: a thread cancelled or
+ *   jumped out of a hooked call there stays counted, and forks wait the
+ *   bound.
  *
  * Fork from a signal handler that interrupted a hooked call: the forking
  *   thread is itself inside the gate and cannot leave it before the fork
@@ -308,39 +311,137 @@ static inline unsigned int gate_enter(void)
 }
 
 /*
+ * Leaving a scope however it ends.  An exit guard runs its scope's exit
+ * action when the scope returns (the cleanup attribute of the scope's
+ * variable) and, with glibc, when a longjmp() or a cancellation discards the
+ * scope's frame.  glibc keeps a per-thread chain of old-style cleanup buffers
+ * (pthread.h's struct _pthread_cleanup_buffer, linked by
+ * _pthread_cleanup_push and unlinked by _pthread_cleanup_pop: exported by
+ * libc, by libpthread before 2.34, though no header declares them now).
+ * longjmp, siglongjmp, _longjmp and __longjmp_chk first run and unlink every
+ * buffer in a frame the jump discards (_longjmp_unwind ->
+ * __pthread_cleanup_upto), and a cancellation's forced unwind runs and
+ * unlinks each buffer as it leaves its frame (unwind_stop), with or without
+ * -fexceptions; also from a handler on an alternate signal stack (glibc
+ * compares addresses relative to the thread's stack).  The guard's buffer
+ * lives in the scope's frame.  glibc's routine clears `linked` and runs the
+ * action; the scope's end runs the action, then unlinks the buffer if still
+ * linked.  A cancellation of a module built with -fexceptions runs both, and
+ * a signal may jump out between the scope's action and its unlink: so the
+ * action is idempotent (its owner sets a flag after raising a count and
+ * clears it before lowering the count).  Plain memory and two stores to the
+ * thread descriptor: async-signal-safe.  Other C libraries: musl's longjmp
+ * runs no cleanup, and leaves musl's own cleanup buffers on the thread's chain
+ * (pthread_exit would call them in a dead frame), so there the guard is the
+ * cleanup attribute alone, which musl's cancellation, not unwinding, does not
+ * run either.
+ */
+#if defined(__GLIBC__) && !defined(__UCLIBC__)
+#define EXIT_GUARD_BUFFER 1
+extern void _pthread_cleanup_push(struct _pthread_cleanup_buffer *buffer, void (*routine)(void *),
+                                  void *arg);
+extern void _pthread_cleanup_pop(struct _pthread_cleanup_buffer *buffer, int execute);
+#endif
+
+struct exit_guard {
+#ifdef EXIT_GUARD_BUFFER
+    struct _pthread_cleanup_buffer buffer;
+#endif
+    unsigned char linked; /* the buffer is on glibc's chain */
+};
+
+/* Links the guard: `unwound(arg)` runs if glibc discards the frame; it must
+ * call guard_unwound() and then the scope's exit action. */
+static inline void guard_link(struct exit_guard *guard, void (*unwound)(void *), void *arg)
+{
+#ifdef EXIT_GUARD_BUFFER
+    _pthread_cleanup_push(&guard->buffer, unwound, arg);
+    guard->linked = 1;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+#else
+    (void)guard;
+    (void)unwound;
+    (void)arg;
+#endif
+}
+
+/* In the `unwound` routine: glibc has unlinked the buffer already. */
+static inline void guard_unwound(struct exit_guard *guard)
+{
+    guard->linked = 0;
+}
+
+/* At the scope's end, after its exit action: unlinks the buffer, if glibc
+ * has not.  A signal before the unlink finds the action done: its longjmp
+ * runs it again, to no effect. */
+static inline void guard_unlink(struct exit_guard *guard)
+{
+#ifdef EXIT_GUARD_BUFFER
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    if (guard->linked) {
+        guard->linked = 0;
+        _pthread_cleanup_pop(&guard->buffer, 0);
+    }
+#else
+    (void)guard;
+#endif
+}
+
+/*
  * A wrapper's pass through the gate.  Declared with PASS, it leaves the gate
- * when the wrapper's scope ends, also when a cancellation (close, accept and
- * open are cancellation points) unwinds through it: the module is built with
- * -fexceptions, so the cleanup runs during the forced unwind too.  Left by
- * longjmp() from a signal handler, a pass stays counted: forks then wait the
+ * when the wrapper's scope ends, also when a cancellation unwinds it or a
+ * longjmp() from a signal handler leaves it (glibc: see the exit guard).  A
+ * flag is cleared before its count is lowered, so a pass is never left
+ * twice; a signal whose handler jumps out between the count's change and its
+ * flag's (a few instructions) leaves the call counted: forks then wait the
  * bound, not forever.
  */
 struct pass {
+    struct exit_guard guard;
     unsigned int epoch;
     unsigned char inside;  /* counted in the gate */
     unsigned char outside; /* counted in `outside` */
 };
 
-static inline void pass_end(struct pass *pass)
+/* The pass's exit action; idempotent. */
+static inline void pass_leave(struct pass *pass)
 {
     if (pass->inside) {
         pass->inside = 0;
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
         gate_leave(pass->epoch);
     }
     if (pass->outside) {
         pass->outside = 0;
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
         __atomic_sub_fetch(&zmqfork__gate_outside, 1, __ATOMIC_SEQ_CST);
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
         zmqfork__gate_outside_depth--;
     }
 }
 
-#define PASS struct pass pass_ __attribute__((cleanup(pass_end))) = {0, 0, 0}
+/* Run by glibc when a longjmp or a cancellation discards the wrapper's frame. */
+static inline void pass_unwound(void *pass)
+{
+    guard_unwound(&((struct pass *)pass)->guard);
+    pass_leave(pass);
+}
+
+static inline void pass_end(struct pass *pass)
+{
+    pass_leave(pass);
+    guard_unlink(&pass->guard);
+}
+
+#define PASS                                                                                \
+    struct pass pass_ __attribute__((cleanup(pass_end))) = {.inside = 0};                  \
+    guard_link(&pass_.guard, pass_unwound, &pass_)
 
 static inline void pass_enter(struct pass *pass)
 {
     pass->epoch = gate_enter();
     pass->inside = 1;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
 }
 
 /* For a call that may block: counted outside the gate while it runs. */
@@ -350,6 +451,7 @@ static inline void pass_outside(struct pass *pass)
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     __atomic_add_fetch(&zmqfork__gate_outside, 1, __ATOMIC_SEQ_CST);
     pass->outside = 1;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
 }
 
 

@@ -169,7 +169,8 @@ void zmqfork__gate_prepare(void)
     /* Wait for every call inside the gate but this thread's own (a fork from
      * a signal handler that interrupted one cannot wait for it), at most
      * GATE_WAIT_NS: a call that does not come out (a blocking call,
-     * a thread left by longjmp) is counted as untracked in the child. */
+     * with musl a thread cancelled or left by longjmp) is counted as
+     * untracked in the child. */
     unsigned int own = zmqfork__gate_depth, seen;
     long deadline = monotonic_ns() + GATE_WAIT_NS;
     struct timespec left;

@@ -28,12 +28,35 @@
 static unsigned int testing_delay_us; /* 0 in production: one load, one branch */
 static unsigned int testing_in_window;
 
-static void testing_leave_window(unsigned int **count)
+/* A pause's presence in the window: counted while it lasts, however it ends. */
+struct window_stay {
+    struct exit_guard guard;
+    unsigned char counted;
+};
+
+static void testing_leave_window(struct window_stay *stay)
 {
-    __atomic_sub_fetch(*count, 1, __ATOMIC_SEQ_CST);
+    if (stay->counted) {
+        stay->counted = 0;
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        __atomic_sub_fetch(&testing_in_window, 1, __ATOMIC_SEQ_CST);
+    }
 }
 
-/* Sleeps inside the gate, between the real call and the table update. */
+static void testing_window_unwound(void *stay)
+{
+    guard_unwound(&((struct window_stay *)stay)->guard);
+    testing_leave_window(stay);
+}
+
+static void testing_window_end(struct window_stay *stay)
+{
+    testing_leave_window(stay);
+    guard_unlink(&stay->guard);
+}
+
+/* Sleeps inside the gate, between the real call and the table update; leaves
+ * the window count also when a cancellation or a longjmp ends the sleep. */
 static __attribute__((noinline, cold)) void testing_pause(void)
 {
     int saved = errno;
@@ -41,9 +64,11 @@ static __attribute__((noinline, cold)) void testing_pause(void)
         .tv_sec = testing_delay_us / 1000000u,
         .tv_nsec = (long)(testing_delay_us % 1000000u) * 1000,
     };
+    struct window_stay stay __attribute__((cleanup(testing_window_end))) = {.counted = 0};
+    guard_link(&stay.guard, testing_window_unwound, &stay);
     __atomic_add_fetch(&testing_in_window, 1, __ATOMIC_SEQ_CST);
-    /* Leaves the window count also when a cancellation unwinds the sleep. */
-    unsigned int *in_window __attribute__((cleanup(testing_leave_window))) = &testing_in_window;
+    stay.counted = 1;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
     while (nanosleep(&pause, &pause) != 0 && errno == EINTR) {
     }
     errno = saved;

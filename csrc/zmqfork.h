@@ -141,10 +141,15 @@ int zmqfork_atfork_errno(void);
  * untracked in the child (each may leave a descriptor there).  An accept
  * with no client pending (on a blocking listener, as libzmq's are, it would
  * wait for one: a listener shared with other processes, ZMQ_USE_FD) waits
- * outside the gate: no fork waits for it.  A cancellation unwinding a hooked call leaves the gate;
- * a longjmp out of one (from a signal handler) leaves it counted: later forks
- * wait the 100 ms, never forever.  A fork does not wait for a hooked call of
- * its own thread (a fork from a signal handler that interrupted it); that call
+ * outside the gate: no fork waits for it.  With glibc, a hooked call that a
+ * cancellation or a longjmp()/siglongjmp() out of a signal handler ends
+ * leaves the gate, once: the wrapper keeps one of glibc's cleanup buffers,
+ * which both run.  With musl (its longjmp runs no cleanup, its cancellation
+ * does not unwind) such a call stays counted: later forks wait the 100 ms,
+ * never forever; so does a call a handler jumps out of in the few
+ * instructions between its change of the count and its record of that
+ * change.  A fork does not wait for a hooked call of its own
+ * thread (a fork from a signal handler that interrupted it); that call
  * finishes in parent and child after the fork.
  *
  * Every fork kind, with or without wipe-on-fork: without it, a fork that

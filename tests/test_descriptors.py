@@ -896,12 +896,13 @@ def test_raw_fork_without_wipeonfork_during_hooked_call(native_dir: Path) -> Non
                       "grandchild": "ok"}
 
 
-def test_cancelled_hooked_call_leaves_the_gate(native_dir: Path) -> None:
-    """A thread cancelled inside a hooked close() leaves the fork gate: the next fork finds no call in flight."""
-    lib = compile_so(native_dir / "hooktarget-cancel.so", [NATIVE / "hooktarget.c", NATIVE / "cancelcall.c"],
+@pytest.mark.parametrize("how", ["cancel", "longjmp"])
+def test_hooked_call_left_abnormally_leaves_the_gate(how: str, native_dir: Path) -> None:
+    """A thread cancelled inside a hooked close(), or jumped out of it by a signal handler's siglongjmp(), leaves the fork gate: the next fork finds no call in flight."""
+    lib = compile_so(native_dir / f"hooktarget-{how}.so", [NATIVE / "hooktarget.c", NATIVE / "cancelcall.c"],
                      "-pthread")
-    result = run_program("cancel_in_call.py", str(lib))
-    assert result == {"cancelled": 1, "in_window": 0, "in_flight_at_fork": 0}
+    result = run_program("cancel_in_call.py", str(lib), how)
+    assert result == {"left": 1, "in_window": 0, "in_flight_at_fork": 0}
 
 
 def test_overflow_slots_hold_no_duplicates(native_dir: Path) -> None:
