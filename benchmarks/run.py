@@ -8,7 +8,8 @@ Sections (``--only`` takes a comma-separated subset):
 - ``rebuild``  the child's first send on an inherited proxy against a hand-made rebuild;
 - ``chain``    the fork chain under ``ulimit -n 1024``;
 - ``detect``   which alternative works after os.fork / libc fork / raw clone;
-- ``fdtrack``  what descriptor tracking costs: a hooked call, and the child's cleanup.
+- ``fdtrack``  what descriptor tracking costs: a hooked call, and the child's cleanup;
+- ``prefork``  a master with M sockets forks N workers: time to the last worker's first message.
 
 Prints the tables, writes JSON (default benchmarks/results/latest.json) and
 the same tables as Markdown (benchmarks/results/latest.md; ``--markdown PATH``
@@ -33,7 +34,7 @@ sys.path.insert(0, HERE)
 
 from common import ALT_LABEL, ALTERNATIVES, PERCALL_ALTERNATIVES, environment, fmt_cell, fmt_ns  # noqa: E402
 
-SECTIONS = ("percall", "forkcost", "rebuild", "chain", "detect", "fdtrack")
+SECTIONS = ("percall", "forkcost", "rebuild", "chain", "detect", "fdtrack", "prefork")
 
 
 def _log(msg: str) -> None:
@@ -162,6 +163,35 @@ def _fdtrack_parts(ft: Dict[str, Any]) -> List[str]:
         [f"Forks whose child did not report: {'; '.join(failed)}.", ""] if failed else [])
 
 
+def _prefork_parts(pf: Dict[str, Any]) -> List[str]:
+    """Section 7: the prefork server's start-up, per (workers, sockets), ratios to raw pyzmq with a hand-made setup."""
+    measures = (("received", "last message received"), ("sent", "last worker's send returned"),
+                ("forked", "master's fork loop"))
+    rows = []
+    for case in pf["cases"].values():
+        row = case["alternatives"]
+        lost = " / ".join(f"{row[alt]['not_delivered']} ({row[alt]['failed_workers']})" for alt in ALTERNATIVES)
+        for i, (key, label) in enumerate(measures):
+            cells = []
+            for alt in ALTERNATIVES:
+                c = row[alt]
+                if c[key]:
+                    cells.append(f"{fmt_cell(c[key])} {_ratio(c[key].get('ratio_to_raw'))}")
+                else:
+                    cells.append("broken" + (f" ({c['errors'][0][:60]})" if c["errors"] else ""))
+            rows.append([str(case["workers"]), str(case["sockets"]), label] + cells + [lost if i == 0 else ""])
+    labels = ["raw pyzmq + setup by hand"] + [ALT_LABEL[a] for a in ALTERNATIVES[1:]]
+    return ["## 7. Prefork server start-up (a master with M sockets forks N workers; ratio to raw pyzmq + "
+            "setup by hand)", "",
+            "Each worker sends one message on an inherited socket (raw pyzmq: on a Context + PUSH + connect it "
+            "makes by hand) and stays up until all have been received. Times from the master's stamp before its "
+            f"first fork; {pf['rounds']} interleaved master rounds x {pf['bursts_per_master']} bursts of N forks "
+            f"({pf['warmup_bursts']} warm-up burst per master discarded); a burst that lost a message is not "
+            "timed; 'not delivered' counts the messages of every burst, per alternative in the order of the "
+            "columns. The register_at_fork proxy rebuilds all M sockets in every worker.", "",
+            _table(["workers", "sockets", "measure"] + labels + ["not delivered (workers failed)"], rows), ""]
+
+
 def render(result: Dict[str, Any]) -> str:
     env = result["environment"]
     parts = [
@@ -278,6 +308,8 @@ def render(result: Dict[str, Any]) -> str:
                   _table(["alternative", "os.fork()", "libc fork() via ctypes", "raw clone syscall"], rows), ""]
     if "fdtrack" in res:
         parts += _fdtrack_parts(res["fdtrack"])
+    if "prefork" in res and "cases" in res["prefork"]:
+        parts += _prefork_parts(res["prefork"])
     for name, err in result.get("errors", {}).items():
         parts += [f"Section {name} crashed: {err.splitlines()[-1]}", ""]
     return "\n".join(parts)
