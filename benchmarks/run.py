@@ -53,6 +53,15 @@ def _ratio(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _spread(s: Dict[str, float], fmt: str = "{:.0f}") -> str:
+    """A figure over a few runs: the median and, where the runs differ, [min–max]."""
+    if not s:
+        return "-"
+    median = fmt.format(s["median"])
+    low, high = fmt.format(s["min"]), fmt.format(s["max"])
+    return median if low == high else f"{median} [{low}–{high}]"
+
+
 # ---- targets ------------------------------------------------------------------------------
 
 
@@ -98,10 +107,12 @@ def targets(res: Dict[str, Any], quick: bool) -> List[Dict[str, Any]]:
     ch = res.get("chain", {})
     if ch.get("alternatives"):
         z = ch["alternatives"].get("zmqfork", {})
-        gens = z.get("generations_completed")
+        g = z.get("generations_completed") or {}
+        gens = g.get("min")  # every run must get there
         cap = ch["cap"]
         met = None if gens is None else gens >= cap + 1 if quick else gens >= 4097
-        txt = f"{gens} generations" + (f" (quick run: cap {cap}, target is 4096 in the full run)" if quick else "")
+        txt = (f"{gens} generations at least, median {g.get('median', 0):.0f}, over {g.get('n', 0)} of "
+               f"{ch['repeats']} runs" + (f" (quick run: cap {cap}, target is 4096 in the full run)" if quick else ""))
         add("fork chain under ulimit -n 1024, zmqfork generations", gens, ">= 4096", met, txt)
     return out
 
@@ -275,26 +286,32 @@ def render(result: Dict[str, Any]) -> str:
         rows = []
         for alt in ALTERNATIVES:
             c = ch["alternatives"].get(alt, {})
-            if "error" in c:
-                rows.append([ALT_LABEL[alt], "error", "", "", "", "", "", c["error"][:80]])
+            runs = len(c.get("runs", []))
+            if not c.get("generations_completed"):
+                rows.append([ALT_LABEL[alt], f"0 of {runs}", "error", "", "", "", "", "", "",
+                             "; ".join(c.get("errors", []))[:80]])
                 continue
-            fpg = c.get("fds_per_generation")
-            fps = c.get("forks_per_second")
-            segs = [r for _, r in c.get("forks_per_second_by_segment", []) if r]
-            mpg, rpg = c.get("mappings_per_generation"), c.get("rss_kib_per_generation")
-            mem = "-" if mpg is None else f"{mpg:+.2f} maps, {rpg:+.1f} KiB RSS"
-            rows.append([ALT_LABEL[alt], str(c.get("generations_completed")), str(c.get("delivered")),
-                         f"{c.get('fds_first')} -> {c.get('fds_last')}",
-                         "-" if fpg is None else f"{fpg:+.2f}", mem,
-                         ("-" if fps is None else f"{fps:.0f}")
-                         + (f" ({segs[0]:.0f} -> {segs[-1]:.0f})" if len(segs) > 1 else ""),
-                         str(c.get("stopped"))[:90]])
+            mem = "-" if not c["mappings_per_generation"] else (
+                f"{_spread(c['mappings_per_generation'], '{:+.2f}')} maps, "
+                f"{_spread(c['rss_kib_per_generation'], '{:+.1f}')} KiB RSS")
+            fps = _spread(c["forks_per_second"]) + (
+                f" ({_spread(c['forks_per_second_first'])} -> {_spread(c['forks_per_second_last'])})"
+                if c["forks_per_second_first"] and c["forks_per_second_last"] else "")
+            stopped = "; ".join(f"{n}x {why}" for why, n in c["stop_reasons"].items())
+            rows.append([ALT_LABEL[alt], f"{c['generations_completed']['n']} of {runs}",
+                         _spread(c["generations_completed"]), _spread(c["delivered"]),
+                         f"{_spread(c['fds_first'])} -> {_spread(c['fds_last'])}",
+                         _spread(c["fds_per_generation"], "{:+.2f}"), mem, fps,
+                         _spread(c["elapsed_s"], "{:.1f}"),
+                         stopped[:120] + ("; errors: " + "; ".join(c["errors"])[:60] if c["errors"] else "")])
         parts += [f"## 4. Fork chain under ulimit -n {ch['fd_limit']} (cap {ch['cap']} generations, "
-                  f"timeout {ch['timeout_s']:.0f} s per alternative)", "",
-                  "fds/gen and memory/gen are least-squares slopes (memory sampled every 64 generations); "
-                  "forks/s is overall (first eighth of the chain -> last eighth).", "",
-                  _table(["alternative", "generations", "delivered", "fds first -> last", "fds/gen",
-                          "memory/gen", "forks/s", "stopped"], rows), ""]
+                  f"timeout {ch['timeout_s']:.0f} s per run)", "",
+                  f"Each alternative's chain ran {ch['repeats']} times, the runs interleaved in rotating order; "
+                  "cells are the median over the runs and, where they differ, [min–max]. fds/gen and memory/gen "
+                  "are least-squares slopes (memory sampled every 64 generations); forks/s is overall (first "
+                  "eighth of the chain -> last eighth); 'stopped' counts the runs by why they stopped.", "",
+                  _table(["alternative", "runs", "generations", "delivered", "fds first -> last", "fds/gen",
+                          "memory/gen", "forks/s", "seconds", "stopped"], rows), ""]
     if "detect" in res and "matrix" in res["detect"]:
         m = res["detect"]["matrix"]
         rows = []
