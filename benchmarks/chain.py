@@ -287,8 +287,8 @@ def _aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
     """Every alternative's chain ``repeats`` times, interleaved in rotating order; medians over the runs."""
-
-    # A full run: about 35 s for zmqfork's 4096 generations, 1-2 s for the others, which stop near 150.
+    # A full run: 25-35 s for zmqfork's 4096 generations, 1-2 s for the others, which stop near 150;
+    # the 90 s cut leaves room for a slow machine and bounds the whole section.
     cap, timeout, repeats = (300, 12.0, 3) if quick else (4096, 90.0, 3)
     runs: Dict[str, List[Dict[str, Any]]] = {alt: [] for alt in ALTS}
     for rnd, order in rotations(ALTS, repeats):

@@ -51,7 +51,8 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import ALTERNATIVES, raise_nofile, read_line, rotations, summary, wait_child, write_all  # noqa: E402
+from common import (ALTERNATIVES, fork_with, raise_nofile, read_line, rotations, summary, wait_child,  # noqa: E402
+                    write_all)
 
 #: Timeouts (s): a master's start and setup, a burst's messages, a master's reply, a released worker's wait.
 START_TIMEOUT = 60.0
@@ -97,7 +98,6 @@ def master(mode: str, addr: str, nsockets: int, nworkers: int, bursts: int) -> N
     import zmq
 
     import alternatives
-    from common import fork_with
 
     def say(reply: Dict[str, Any]) -> None:
         write_all(1, json.dumps(reply).encode() + b"\n")
