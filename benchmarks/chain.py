@@ -21,6 +21,11 @@ left behind.  Reported: generations completed, messages delivered, fds at the
 first and last generation and fds per generation (least-squares slope),
 forks per second, and why the chain stopped (the chain's last stderr line,
 e.g. libzmq's "Too many open files" abort).
+
+Each alternative's chain runs three times, the runs interleaved in rotating
+order (A B C D, B C D A, C D A B); every figure is reported as the median
+over the runs with its spread, and the stop reasons are counted.  The runs
+stay in the JSON.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from common import rotations, summary  # noqa: E402
 
 ALTS = ("raw", "pidcheck", "atfork", "zmqfork")
 FD_LIMIT = 1024
@@ -211,9 +218,11 @@ def runner(alt: str, cap: int, timeout: float) -> Dict[str, Any]:
         result["rss_kib_per_generation"] = _slope(mg, [memory[g][2] * page_kib for g in mg])
         result["vsz_kib_per_generation"] = _slope(mg, [memory[g][1] * page_kib for g in mg])
     if completed >= cap + 1:
-        result["stopped"] = f"reached the cap ({cap} generations)"
+        result["stop_reason"] = f"reached the cap ({cap} generations)"
+        result["stopped"] = result["stop_reason"]
     else:
         why = errors[-1] if errors else (stderr_lines[-1] if stderr_lines else stop)
+        result["stop_reason"] = why.split(" ", 2)[-1] if why.startswith("error ") else why
         result["stopped"] = f"generation {completed}: {why}"
     result["stderr_tail"] = stderr_lines[-3:]
     return result
@@ -253,20 +262,49 @@ def _reap_all(deadline: float) -> int:
     return n
 
 
-def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
-    cap, timeout = (300, 12.0) if quick else (4096, 300.0)
-    out: Dict[str, Any] = {"cap": cap, "timeout_s": timeout, "fd_limit": FD_LIMIT, "alternatives": {}}
-    for alt in ALTS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--runner", "--alt", alt,
-               "--cap", str(cap), "--timeout", str(timeout)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60)
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-        except Exception as exc:
-            res = {"error": repr(exc)}
-        out["alternatives"][alt] = res
-        log(f"  chain {alt}: {res.get('generations_completed', '?')} generations; {res.get('stopped', res.get('error'))}")
+#: What is summarised over an alternative's runs (median, quartiles, min, max).
+SUMMARISED = ("generations_completed", "delivered", "fds_first", "fds_last", "fds_per_generation",
+              "forks_per_second", "forks_per_second_first", "forks_per_second_last", "mappings_per_generation",
+              "rss_kib_per_generation", "vsz_kib_per_generation", "elapsed_s")
+
+
+def _aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """An alternative's runs in one place: each summarised figure, the stop reasons counted, the runs themselves."""
+    done = [r for r in runs if "error" not in r]
+    for r in done:  # the rate in the first and last eighth of the chain (does it slow down as it goes?)
+        rates = [rate for _, rate in r.get("forks_per_second_by_segment", []) if rate]
+        if len(rates) > 1:
+            r["forks_per_second_first"], r["forks_per_second_last"] = rates[0], rates[-1]
+    out: Dict[str, Any] = {key: summary([r[key] for r in done if r.get(key) is not None]) for key in SUMMARISED}
+    reasons: Dict[str, int] = {}
+    for r in done:
+        reasons[r["stop_reason"]] = reasons.get(r["stop_reason"], 0) + 1
+    out["stop_reasons"] = reasons
+    out["errors"] = [r["error"] for r in runs if "error" in r]
+    out["runs"] = runs
     return out
+
+
+def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
+    """Every alternative's chain ``repeats`` times, interleaved in rotating order; medians over the runs."""
+    # A full run: 25-35 s for zmqfork's 4096 generations, 1-2 s for the others, which stop near 150;
+    # the 90 s cut leaves room for a slow machine and bounds the whole section.
+    cap, timeout, repeats = (300, 12.0, 3) if quick else (4096, 90.0, 3)
+    runs: Dict[str, List[Dict[str, Any]]] = {alt: [] for alt in ALTS}
+    for rnd, order in rotations(ALTS, repeats):
+        for alt in order:
+            cmd = [sys.executable, os.path.abspath(__file__), "--runner", "--alt", alt,
+                   "--cap", str(cap), "--timeout", str(timeout)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60)
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+            except Exception as exc:
+                res = {"error": repr(exc)}
+            runs[alt].append(res)
+            log(f"  chain run {rnd + 1}/{repeats}, {alt}: {res.get('generations_completed', '?')} generations; "
+                f"{res.get('stopped', res.get('error'))}")
+    return {"cap": cap, "timeout_s": timeout, "fd_limit": FD_LIMIT, "repeats": repeats,
+            "alternatives": {alt: _aggregate(runs[alt]) for alt in ALTS}}
 
 
 if __name__ == "__main__":

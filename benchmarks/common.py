@@ -10,13 +10,16 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import resource
 import select
 import signal
 import statistics
 import sys
 import time
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+
+T = TypeVar("T")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -78,8 +81,8 @@ def wait_child(pid: int, timeout: float) -> Optional[int]:
         time.sleep(0.001)
 
 
-def read_line(fd: int, timeout: float) -> bytes:
-    """Read from ``fd`` until a newline, EOF or ``timeout``; returns what was read."""
+def read_line(fd: int, timeout: float, until_eof: bool = False) -> bytes:
+    """Read from ``fd`` until a newline (or only EOF, with ``until_eof``), EOF or ``timeout``; returns what was read."""
     deadline = time.monotonic() + timeout
     chunks = []
     while True:
@@ -94,7 +97,7 @@ def read_line(fd: int, timeout: float) -> bytes:
         if not chunk:
             break
         chunks.append(chunk)
-        if chunk.endswith(b"\n"):
+        if chunk.endswith(b"\n") and not until_eof:
             break
     return b"".join(chunks)
 
@@ -107,6 +110,26 @@ def write_all(fd: int, data: bytes) -> None:
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def raise_nofile(want: int) -> None:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to ``want``, or to the hard limit if that is lower; never lowers it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def rotations(items: Sequence[T], rounds: int) -> Iterator[Tuple[int, List[T]]]:
+    """``(round, order)`` for ``rounds`` rounds of ``items``, each round's order rotated one place further.
+
+    Interleaving this way spreads drifts of the machine (load, frequency,
+    page cache) over every item, and no item always runs first.
+    """
+    for rnd in range(rounds):
+        shift = rnd % len(items)
+        yield rnd, list(items[shift:]) + list(items[:shift])
 
 
 # ---- statistics ---------------------------------------------------------------

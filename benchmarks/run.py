@@ -8,7 +8,8 @@ Sections (``--only`` takes a comma-separated subset):
 - ``rebuild``  the child's first send on an inherited proxy against a hand-made rebuild;
 - ``chain``    the fork chain under ``ulimit -n 1024``;
 - ``detect``   which alternative works after os.fork / libc fork / raw clone;
-- ``fdtrack``  what descriptor tracking costs: a hooked call, and the child's cleanup.
+- ``fdtrack``  what descriptor tracking costs: a hooked call, and the child's cleanup;
+- ``prefork``  a master with M sockets forks N workers: time to the last worker's first message.
 
 Prints the tables, writes JSON (default benchmarks/results/latest.json) and
 the same tables as Markdown (benchmarks/results/latest.md; ``--markdown PATH``
@@ -33,7 +34,7 @@ sys.path.insert(0, HERE)
 
 from common import ALT_LABEL, ALTERNATIVES, PERCALL_ALTERNATIVES, environment, fmt_cell, fmt_ns  # noqa: E402
 
-SECTIONS = ("percall", "forkcost", "rebuild", "chain", "detect", "fdtrack")
+SECTIONS = ("percall", "forkcost", "rebuild", "chain", "detect", "fdtrack", "prefork")
 
 
 def _log(msg: str) -> None:
@@ -50,6 +51,14 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
 
 def _ratio(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}x"
+
+
+def _spread(s: Dict[str, float], fmt: str = "{:.0f}") -> str:
+    """A figure over a few runs: the median and, where the runs differ, [min–max]."""
+    if not s:
+        return "-"
+    median, low, high = (fmt.format(round(s[k], 9) + 0.0) for k in ("median", "min", "max"))  # no "-0.00"
+    return median if low == high else f"{median} [{low}–{high}]"
 
 
 # ---- targets ------------------------------------------------------------------------------
@@ -97,10 +106,14 @@ def targets(res: Dict[str, Any], quick: bool) -> List[Dict[str, Any]]:
     ch = res.get("chain", {})
     if ch.get("alternatives"):
         z = ch["alternatives"].get("zmqfork", {})
-        gens = z.get("generations_completed")
+        g = z.get("generations_completed") or {}
+        gens = g.get("min")  # every run must get there
         cap = ch["cap"]
-        met = None if gens is None else gens >= cap + 1 if quick else gens >= 4097
-        txt = f"{gens} generations" + (f" (quick run: cap {cap}, target is 4096 in the full run)" if quick else "")
+        met = None if gens is None else g["n"] == ch["repeats"] and gens >= (cap + 1 if quick else 4097)
+        failed = ch["repeats"] - g.get("n", 0)
+        txt = (f"{gens} generations in the shortest of {g.get('n', 0)} runs (median {g.get('median', 0):.0f})"
+               + (f"; {failed} runs failed" if failed else "")
+               + (f" (quick run: cap {cap}, target is 4096 in the full run)" if quick else ""))
         add("fork chain under ulimit -n 1024, zmqfork generations", gens, ">= 4096", met, txt)
     return out
 
@@ -160,6 +173,35 @@ def _fdtrack_parts(ft: Dict[str, Any]) -> List[str]:
         _table(["sockets", "measure", "parent's fds (tracked)", "closed in child", "child's fds, on / off",
                 "hooks on", "hooks off", "on − off", "per closed descriptor"], rows), ""] + (
         [f"Forks whose child did not report: {'; '.join(failed)}.", ""] if failed else [])
+
+
+def _prefork_parts(pf: Dict[str, Any]) -> List[str]:
+    """Section 7: the prefork server's start-up, per (workers, sockets), ratios to raw pyzmq with a hand-made setup."""
+    measures = (("received", "last message received"), ("sent", "last worker's send returned"),
+                ("forked", "master's fork loop"))
+    rows = []
+    for case in pf["cases"].values():
+        row = case["alternatives"]
+        lost = " / ".join(f"{row[alt]['not_delivered']} ({row[alt]['failed_workers']})" for alt in ALTERNATIVES)
+        for i, (key, label) in enumerate(measures):
+            cells = []
+            for alt in ALTERNATIVES:
+                c = row[alt]
+                if c[key]:
+                    cells.append(f"{fmt_cell(c[key])} {_ratio(c[key].get('ratio_to_raw'))}")
+                else:
+                    cells.append("broken" + (f" ({c['errors'][0][:60]})" if c["errors"] else ""))
+            rows.append([str(case["workers"]), str(case["sockets"]), label] + cells + [lost if i == 0 else ""])
+    labels = ["raw pyzmq + setup by hand"] + [ALT_LABEL[a] for a in ALTERNATIVES[1:]]
+    return ["## 7. Prefork server start-up (a master with M sockets forks N workers; ratio to raw pyzmq + "
+            "setup by hand)", "",
+            "Each worker sends one message on an inherited socket (raw pyzmq: on a Context + PUSH + connect it "
+            "makes by hand) and stays up until all have been received. Times from the master's stamp before its "
+            f"first fork; {pf['rounds']} interleaved master rounds x {pf['bursts_per_master']} bursts of N forks "
+            f"({pf['warmup_bursts']} warm-up burst per master discarded); a burst that lost a message is not "
+            "timed; 'not delivered' counts the messages of every burst, per alternative in the order of the "
+            "columns. The register_at_fork proxy rebuilds all M sockets in every worker.", "",
+            _table(["workers", "sockets", "measure"] + labels + ["not delivered (workers failed)"], rows), ""]
 
 
 def render(result: Dict[str, Any]) -> str:
@@ -245,26 +287,32 @@ def render(result: Dict[str, Any]) -> str:
         rows = []
         for alt in ALTERNATIVES:
             c = ch["alternatives"].get(alt, {})
-            if "error" in c:
-                rows.append([ALT_LABEL[alt], "error", "", "", "", "", "", c["error"][:80]])
+            runs = len(c.get("runs", []))
+            if not c.get("generations_completed"):
+                rows.append([ALT_LABEL[alt], f"0 of {runs}", "error", "", "", "", "", "", "",
+                             "; ".join(c.get("errors", []))[:80]])
                 continue
-            fpg = c.get("fds_per_generation")
-            fps = c.get("forks_per_second")
-            segs = [r for _, r in c.get("forks_per_second_by_segment", []) if r]
-            mpg, rpg = c.get("mappings_per_generation"), c.get("rss_kib_per_generation")
-            mem = "-" if mpg is None else f"{mpg:+.2f} maps, {rpg:+.1f} KiB RSS"
-            rows.append([ALT_LABEL[alt], str(c.get("generations_completed")), str(c.get("delivered")),
-                         f"{c.get('fds_first')} -> {c.get('fds_last')}",
-                         "-" if fpg is None else f"{fpg:+.2f}", mem,
-                         ("-" if fps is None else f"{fps:.0f}")
-                         + (f" ({segs[0]:.0f} -> {segs[-1]:.0f})" if len(segs) > 1 else ""),
-                         str(c.get("stopped"))[:90]])
+            mem = "-" if not c["mappings_per_generation"] else (
+                f"{_spread(c['mappings_per_generation'], '{:+.2f}')} maps, "
+                f"{_spread(c['rss_kib_per_generation'], '{:+.1f}')} KiB RSS")
+            fps = _spread(c["forks_per_second"]) + (
+                f" ({_spread(c['forks_per_second_first'])} -> {_spread(c['forks_per_second_last'])})"
+                if c["forks_per_second_first"] and c["forks_per_second_last"] else "")
+            stopped = "; ".join(f"{n}x {why}" for why, n in c["stop_reasons"].items())
+            rows.append([ALT_LABEL[alt], f"{c['generations_completed']['n']} of {runs}",
+                         _spread(c["generations_completed"]), _spread(c["delivered"]),
+                         f"{_spread(c['fds_first'])} -> {_spread(c['fds_last'])}",
+                         _spread(c["fds_per_generation"], "{:+.2f}"), mem, fps,
+                         _spread(c["elapsed_s"], "{:.1f}"),
+                         stopped[:120] + ("; errors: " + "; ".join(c["errors"])[:60] if c["errors"] else "")])
         parts += [f"## 4. Fork chain under ulimit -n {ch['fd_limit']} (cap {ch['cap']} generations, "
-                  f"timeout {ch['timeout_s']:.0f} s per alternative)", "",
-                  "fds/gen and memory/gen are least-squares slopes (memory sampled every 64 generations); "
-                  "forks/s is overall (first eighth of the chain -> last eighth).", "",
-                  _table(["alternative", "generations", "delivered", "fds first -> last", "fds/gen",
-                          "memory/gen", "forks/s", "stopped"], rows), ""]
+                  f"timeout {ch['timeout_s']:.0f} s per run)", "",
+                  f"Each alternative's chain ran {ch['repeats']} times, the runs interleaved in rotating order; "
+                  "cells are the median over the runs and, where they differ, [min–max]. fds/gen and memory/gen "
+                  "are least-squares slopes (memory sampled every 64 generations); forks/s is overall (first "
+                  "eighth of the chain -> last eighth); 'stopped' counts the runs by why they stopped.", "",
+                  _table(["alternative", "runs", "generations", "delivered", "fds first -> last", "fds/gen",
+                          "memory/gen", "forks/s", "seconds", "stopped"], rows), ""]
     if "detect" in res and "matrix" in res["detect"]:
         m = res["detect"]["matrix"]
         rows = []
@@ -278,6 +326,8 @@ def render(result: Dict[str, Any]) -> str:
                   _table(["alternative", "os.fork()", "libc fork() via ctypes", "raw clone syscall"], rows), ""]
     if "fdtrack" in res:
         parts += _fdtrack_parts(res["fdtrack"])
+    if "prefork" in res and "cases" in res["prefork"]:
+        parts += _prefork_parts(res["prefork"])
     for name, err in result.get("errors", {}).items():
         parts += [f"Section {name} crashed: {err.splitlines()[-1]}", ""]
     return "\n".join(parts)
