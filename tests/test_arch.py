@@ -62,7 +62,8 @@ class Target:
     relocs: Optional[Tuple[str, str]] = None  # (JUMP_SLOT, GLOB_DAT) names readelf prints
     missing: Optional[str] = None  # why this target cannot run here
     build: str = ""  # targets with the same build share binaries
-    #: The module's own: -fexceptions lets a cancellation unwinding a hooked call run its cleanup (glibc).
+    #: The module's own: -fexceptions lets any unwinding through a hooked call run its cleanup (on glibc, the
+    #: wrapper's cleanup buffer covers cancellation and longjmp even without it).
     unwind_flags: Tuple[str, ...] = ("-fexceptions",)
 
     @property

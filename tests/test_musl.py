@@ -90,8 +90,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     where = tmp_path_factory.mktemp("arch-musl")
     # Run through env -u LD_PRELOAD: musl's loader cannot load a glibc library
     # that a run may preload (tools/sanitize.sh preloads glibc's libasan).
-    # No -fexceptions: musl's cancellation does not unwind (it runs its own cleanup handlers), and
-    # the host gcc's unwinder (libgcc_eh) needs glibc's _dl_find_object, which musl lacks.
+    # No -fexceptions: musl's cancellation does not unwind (it runs its own cleanup handlers, so a
+    # thread cancelled in a hooked call stays counted: forks wait the bound), and the host gcc's
+    # unwinder (libgcc_eh) needs glibc's _dl_find_object, which musl lacks.
     target = Target("musl", str(musl_compiler(where)), ("env", "-u", "LD_PRELOAD"), arch.native_target().relocs,
                     unwind_flags=())
     return arch.build(target, where / "build")
