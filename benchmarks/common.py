@@ -108,6 +108,18 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def compile_shared(source: str, out: str) -> str:
+    """Compile one C file into the shared object ``out`` with the system's compiler (-O2); RuntimeError if none."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler")
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", out, source], check=True, capture_output=True, timeout=120)
+    return out
+
+
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 

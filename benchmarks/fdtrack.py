@@ -51,7 +51,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import REPO, fd_count, fork_with, free_tcp_endpoint, read_line, summary, wait_child, write_all  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    compile_shared,
+    fd_count,
+    fork_with,
+    free_tcp_endpoint,
+    read_line,
+    summary,
+    wait_child,
+    write_all,
+)
 
 #: "on": the hooks installed at import; "off": ``ZMQFORK_DISABLE=fdtrack``.
 MODES = ("on", "off")
@@ -130,12 +140,8 @@ def wrapper_worker(hooked: str, plain: str, iterations: int, reps: int, warmup: 
 
 def _build_hooktarget(directory: str) -> List[str]:
     """Compile hooktarget.c and copy it: [to be hooked, to stay plain] (two files, so two loaded objects)."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        raise RuntimeError("no C compiler")
     hooked, plain = (os.path.join(directory, f"hooktarget-{copy}.so") for copy in ("hooked", "plain"))
-    subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", hooked, HOOKTARGET], check=True,
-                   capture_output=True, timeout=120)
+    compile_shared(HOOKTARGET, hooked)
     shutil.copyfile(hooked, plain)
     return [hooked, plain]
 

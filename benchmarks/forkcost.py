@@ -13,6 +13,19 @@ repeated.  Per fork:
   after ``os.fork()`` returns (CLOCK_MONOTONIC is system-wide), which
   includes every atfork handler and ``register_at_fork`` hook.
 
+Each worker, its libzmq threads and its children run on one CPU (the
+first the driver may use): unpinned, a fork must also flush the TLB of the
+CPU where a libzmq thread last ran, and each worker's ``fork()`` took either
+about 210 or about 480 us at random, whatever the mode.
+
+The child's start is also split.  zmqfork's child reports how long its
+descriptor cleanup took (``fds_cleanup_ns``, timed inside the atfork handler)
+and how many it closed, so "everything else" is the child's start minus the
+cleanup.  The limit of the cleanup is one ``close()`` per inherited libzmq
+descriptor: the raw child, after its stamp, runs a plain C loop of ``close()``
+(``closeloop.c``) over the same descriptors (every one opened since before
+the first context) and reports its time.
+
 The driver interleaves workers: each round runs every (mode, N) once, in
 rotating order; the first forks of each worker are warm-up and discarded.
 """
@@ -20,11 +33,13 @@ rotating order; the first forks of each worker are warm-up and discarded.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Dict, List
 
@@ -34,7 +49,11 @@ sys.path.insert(0, HERE)
 MODES = ("raw", "pidcheck", "atfork", "zmqfork")
 
 
-def worker(mode: str, nsockets: int, forks: int, warmup: int) -> Dict[str, Any]:
+def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) -> Dict[str, Any]:
+    # One CPU for the worker, its libzmq threads and its children: with libzmq's threads on another CPU, a
+    # fork's copy-on-write protection must flush that CPU's TLB too, which made each worker's fork() take
+    # either ~210 or ~480 us at random (for every mode alike) and drowned the differences measured here.
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 3 * nsockets + 256) if hard != resource.RLIM_INFINITY else 3 * nsockets + 256
     if soft < want:
@@ -45,6 +64,12 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int) -> Dict[str, Any]:
     from common import free_tcp_endpoint, read_line, wait_child
 
     alt = alternatives.get(mode)
+    counts: Callable[[], Dict[str, int]] = lambda: {}
+    if mode == "zmqfork":
+        from zmqfork import _native
+
+        counts = _native.fdtrack_counts
+    before = set(os.listdir("/proc/self/fd"))
     sink_ctx = zmq.Context()
     sink_ctx.set(zmq.MAX_SOCKETS, nsockets + 64)
     sink = sink_ctx.socket(zmq.PULL)
@@ -65,12 +90,22 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int) -> Dict[str, Any]:
     for _ in range(nsockets):
         sink.recv()
     fds = len(os.listdir("/proc/self/fd"))
+    # libzmq's descriptors (the sink's too, which zmqfork also closes), and the plain C loop that closes them.
+    libzmq_fds = sorted(int(fd) for fd in set(os.listdir("/proc/self/fd")) - before)
+    close_array = (ctypes.c_int * len(libzmq_fds))(*libzmq_fds)
+    close_loop = ctypes.CDLL(closeloop).close_loop if closeloop and mode == "raw" else None
+    if close_loop is not None:
+        close_loop.restype = ctypes.c_long
     with open("/proc/self/maps") as f:
         mappings = sum(1 for _ in f)
     with open("/proc/self/status") as f:
         rss_kib = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), None)
     parent_ns: List[int] = []
     child_ns: List[int] = []
+    cleanup_ns: List[int] = []
+    rest_ns: List[int] = []  # the child's start without its descriptor cleanup
+    closed: List[int] = []
+    loop_ns: List[int] = []
     failures = 0
     for i in range(warmup + forks):
         r, w = os.pipe()
@@ -79,7 +114,9 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int) -> Dict[str, Any]:
         if pid == 0:
             tc = time.perf_counter_ns()
             try:
-                os.write(w, b"%d\n" % tc)
+                done = counts()
+                loop = close_loop(close_array, len(libzmq_fds)) if close_loop is not None else -1
+                os.write(w, b"%d %d %d %d\n" % (tc, done.get("cleanup_ns", -1), done.get("closed_last", -1), loop))
             finally:
                 os._exit(0)
         t1 = time.perf_counter_ns()
@@ -91,62 +128,84 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int) -> Dict[str, Any]:
             failures += 1
             continue
         if i >= warmup:
+            tc, cleanup, closed_now, loop = map(int, line.split())
             parent_ns.append(t1 - t0)
-            child_ns.append(int(line) - t0)
+            child_ns.append(tc - t0)
+            if cleanup >= 0:
+                cleanup_ns.append(cleanup)
+                closed.append(closed_now)
+                rest_ns.append(tc - t0 - cleanup)
+            if loop >= 0:
+                loop_ns.append(loop)
     for s in socks:
         s.close(0)
     sink.close(0)
     return {"parent_ns": parent_ns, "child_ns": child_ns, "fds": fds, "failures": failures,
+            "cleanup_ns": cleanup_ns, "child_rest_ns": rest_ns, "closed": closed, "loop_ns": loop_ns,
+            "libzmq_fds": len(libzmq_fds),
             "mappings": mappings, "rss_kib": rss_kib,
             "zmqfork_loaded": "zmqfork" in sys.modules}
 
 
+#: Per-fork samples a worker returns, pooled over its rounds.
+SAMPLES = ("parent_ns", "child_ns", "cleanup_ns", "child_rest_ns", "loop_ns", "closed")
+
+
 def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
-    from common import summary
+    from common import compile_shared, rotations, summary
 
     counts = (0, 10, 100) if quick else (0, 10, 100, 1000)
     rounds, forks, warmup = (2, 6, 2) if quick else (6, 25, 5)
-    samples: Dict[tuple, Dict[str, List[int]]] = {
-        (m, n): {"parent_ns": [], "child_ns": []} for m in MODES for n in counts
-    }
+    samples: Dict[tuple, Dict[str, List[int]]] = {(m, n): {k: [] for k in SAMPLES} for m in MODES for n in counts}
     info: Dict[tuple, Dict[str, Any]] = {}
-    configs = [(m, n) for n in counts for m in MODES]
-    for rnd in range(rounds):
-        shift = rnd % len(configs)
-        for mode, n in configs[shift:] + configs[:shift]:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode,
-                   "--sockets", str(n), "--forks", str(forks), "--warmup", str(warmup)]
-            try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-                data = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
-            except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
-                out, data = None, None
-                info.setdefault((mode, n), {})["error"] = repr(exc)
-            if data is None:
-                err = out.stderr.strip().splitlines()[-1:] if out is not None else []
-                info.setdefault((mode, n), {})["error"] = f"worker failed: {err}"
-                continue
-            samples[mode, n]["parent_ns"] += data["parent_ns"]
-            samples[mode, n]["child_ns"] += data["child_ns"]
-            meta = info.setdefault((mode, n), {})
-            meta["fds"] = data["fds"]
-            meta["mappings"] = data["mappings"]
-            meta["rss_kib"] = data["rss_kib"]
-            meta["zmqfork_loaded"] = data["zmqfork_loaded"]
-            meta["failures"] = meta.get("failures", 0) + data["failures"]
-        log(f"  fork-cost round {rnd + 1}/{rounds}")
+    with tempfile.TemporaryDirectory(prefix="zmqfork-forkcost-") as where:
+        try:
+            closeloop = compile_shared(os.path.join(HERE, "closeloop.c"), os.path.join(where, "closeloop.so"))
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            closeloop = ""
+            log(f"  fork cost: no plain close() loop to compare the cleanup with ({exc})")
+        for rnd, order in rotations([(m, n) for n in counts for m in MODES], rounds):
+            for mode, n in order:
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode, "--sockets", str(n),
+                       "--forks", str(forks), "--warmup", str(warmup), "--closeloop", closeloop]
+                try:
+                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                    data = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+                except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+                    out, data = None, None
+                    info.setdefault((mode, n), {})["error"] = repr(exc)
+                if data is None:
+                    err = out.stderr.strip().splitlines()[-1:] if out is not None else []
+                    info.setdefault((mode, n), {})["error"] = f"worker failed: {err}"
+                    continue
+                for key in SAMPLES:
+                    samples[mode, n][key] += data[key]
+                meta = info.setdefault((mode, n), {})
+                for key in ("fds", "mappings", "rss_kib", "zmqfork_loaded", "libzmq_fds"):
+                    meta[key] = data[key]
+                meta["failures"] = meta.get("failures", 0) + data["failures"]
+            log(f"  fork-cost round {rnd + 1}/{rounds}")
     result: Dict[str, Any] = {"rounds": rounds, "forks_per_worker": forks, "warmup_forks": warmup,
                               "cases": {}}
     for n in counts:
         row: Dict[str, Any] = {}
         for mode in MODES:
             cell = dict(info.get((mode, n), {}))
-            cell["parent"] = summary(samples[mode, n]["parent_ns"])
-            cell["child"] = summary(samples[mode, n]["child_ns"])
+            got = samples[mode, n]
+            cell["parent"] = summary(got["parent_ns"])
+            cell["child"] = summary(got["child_ns"])
+            if got["cleanup_ns"]:
+                cell["cleanup"] = summary(got["cleanup_ns"])
+                cell["child_rest"] = summary(got["child_rest_ns"])
+                cell["closed"] = max(got["closed"])
+                cell["cleanup_per_fd"] = summary([ns / c for ns, c in zip(got["cleanup_ns"], got["closed"]) if c])
+            if got["loop_ns"] and cell.get("libzmq_fds"):
+                cell["close_loop"] = summary(got["loop_ns"])
+                cell["close_loop_per_fd"] = summary([ns / cell["libzmq_fds"] for ns in got["loop_ns"]])
             row[mode] = cell
         for mode in MODES:
-            for key in ("parent", "child"):
-                raw, mine = row["raw"][key], row[mode][key]
+            for key in ("parent", "child", "child_rest"):
+                raw, mine = row["raw"]["child" if key == "child_rest" else key], row[mode].get(key)
                 if raw and mine:
                     mine["ratio_to_raw"] = mine["median"] / raw["median"]
         result["cases"][str(n)] = row
@@ -160,8 +219,9 @@ if __name__ == "__main__":
     p.add_argument("--sockets", type=int, default=0)
     p.add_argument("--forks", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--closeloop", default="", help="closeloop.c built as a shared object (the raw child runs it)")
     a = p.parse_args()
     if not a.worker:
         print(json.dumps(run(True, lambda m: print(m, file=sys.stderr)), indent=1))
     else:
-        print(json.dumps(worker(a.mode, a.sockets, a.forks, a.warmup)))
+        print(json.dumps(worker(a.mode, a.sockets, a.forks, a.warmup, a.closeloop)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import sys
@@ -95,6 +96,22 @@ def targets(res: Dict[str, Any], quick: bool) -> List[Dict[str, Any]]:
             add(f"fork cost, 100 sockets, {label}, zmqfork / without", r, "<= 1.05",
                 None if r is None else r <= 1.05,
                 f"{_ratio(r)} ({fmt_ns(fc['zmqfork'][key].get('median'))} vs {fmt_ns(fc['raw'][key].get('median'))})")
+    fc = res.get("forkcost", {}).get("cases", {}).get("1000")
+    if fc:
+        z, raw = fc["zmqfork"], fc["raw"]
+        r = z["child"].get("ratio_to_raw")
+        add("fork cost, 1000 sockets, child start, zmqfork / without", r, "reported", None,
+            f"{_ratio(r)} ({fmt_ns(z['child'].get('median'))} vs {fmt_ns(raw['child'].get('median'))})")
+        rest = z.get("child_rest", {})
+        r = rest.get("ratio_to_raw")
+        add("fork cost, 1000 sockets, child start without the descriptor cleanup, zmqfork / without", r, "<= 1.05",
+            None if r is None else r <= 1.05,
+            f"{_ratio(r)} ({fmt_ns(rest.get('median'))} vs {fmt_ns(raw['child'].get('median'))})")
+        per_fd, floor = z.get("cleanup_per_fd", {}), raw.get("close_loop_per_fd", {})
+        r = per_fd["median"] / floor["median"] if per_fd.get("median") and floor.get("median") else None
+        add("fork cost, 1000 sockets, cleanup per descriptor / plain C close() loop", r, "reported", None,
+            f"{_ratio(r)} ({fmt_ns(per_fd.get('median'))} vs {fmt_ns(floor.get('median'))} per descriptor, "
+            f"{z.get('closed', '?')} descriptors)")
     rb = res.get("rebuild", {}).get("modes")
     if rb:
         r = rb["zmqfork"]["first_send"].get("ratio_to_hand")
@@ -103,6 +120,11 @@ def targets(res: Dict[str, Any], quick: bool) -> List[Dict[str, Any]]:
             f"{_ratio(r)} ({fmt_ns(rb['zmqfork']['first_send'].get('median'))} vs "
             f"{fmt_ns(rb['hand']['first_send'].get('median'))})"
             + (f"; {rb['zmqfork']['failures']} failed" if rb["zmqfork"]["failures"] else ""))
+        r = rb["zmqfork"]["from_fork"].get("ratio_to_hand")
+        ok = None if r is None or rb["zmqfork"]["failures"] else r <= 1.1
+        add("rebuild: child's first send from the fork, zmqfork / by hand", r, "<= 1.10", ok,
+            f"{_ratio(r)} ({fmt_ns(rb['zmqfork']['from_fork'].get('median'))} vs "
+            f"{fmt_ns(rb['hand']['from_fork'].get('median'))})")
     ch = res.get("chain", {})
     if ch.get("alternatives"):
         z = ch["alternatives"].get("zmqfork", {})
@@ -216,6 +238,7 @@ def render(result: Dict[str, Any]) -> str:
         f"zmqfork {env.get('zmqfork')}  ",
         f"zmqfork source: commit {env.get('git_commit')}, {env.get('zmqfork_tree')}  ",
         f"zmqfork detection: `{env.get('zmqfork_detection')}`  ",
+        f"zmqfork bytecode: {env.get('zmqfork_bytecode', '?')}  ",
         f"Command: `{result['command']}` ({result['elapsed_s']:.0f} s); load average at start "
         f"{' '.join(env.get('loadavg_at_start', []))}, at end {' '.join(env.get('loadavg_at_end', []))} "
         "(other work shared the machine when above ~1)",
@@ -261,12 +284,26 @@ def render(result: Dict[str, Any]) -> str:
                          f"{row['raw'].get('rss_kib', 0) // 1024} / {row['zmqfork'].get('rss_kib', 0) // 1024} MiB, "
                          f"{row['raw'].get('mappings', '?')} / {row['zmqfork'].get('mappings', '?')} maps")
                 rows.append([n, label, shape] + cells)
+            z, raw = row["zmqfork"], row["raw"]
+            if z.get("child_rest"):
+                blank = [""] * (len(ALTERNATIVES) - 1)
+                rows.append([n, "child start without the descriptor cleanup", ""] + blank
+                            + [f"{fmt_cell(z['child_rest'])} {_ratio(z['child_rest'].get('ratio_to_raw'))}"])
+                floor = raw.get("close_loop_per_fd")
+                rows.append([n, f"descriptor cleanup ({z.get('closed', '?')} closed); per descriptor", "",
+                             "plain C close() loop: " + (fmt_cell(floor) if floor else "n/a")] + blank[1:]
+                            + [f"{fmt_cell(z['cleanup'])}; {fmt_cell(z['cleanup_per_fd'])}"])
         parts += ["## 2. Fork cost (os.fork with N live tcp sockets; ratio to the same process without zmqfork)", "",
                   f"{fc['rounds']} interleaved worker rounds x {fc['forks_per_worker']} forks "
                   f"({fc['warmup_forks']} warm-up forks per worker discarded). "
                   "'raw pyzmq' = the process without zmqfork (never imported); shape = open descriptors, RSS and "
                   "memory mappings before forking. The register_at_fork proxy rebuilds every socket in its hook, "
-                  "before the child's first instruction.", "",
+                  "before the child's first instruction. Each worker and its children run on one CPU (unpinned, "
+                  "a fork also flushes the TLB of the CPU where a libzmq thread last ran, and a worker's fork() "
+                  "took ~210 or ~480 us at random, for every mode). zmqfork's child start is also split: its "
+                  "descriptor cleanup (timed inside the atfork handler: a mark check per descriptor, close_range() "
+                  "per run of numbers) and everything else; the raw child runs a plain C loop of close() over the "
+                  "same descriptors, the floor of any cleanup.", "",
                   _table(["sockets", "measure", "shape (without / with zmqfork)"] + labels, rows), ""]
     if "rebuild" in res and "modes" in res["rebuild"]:
         rb = res["rebuild"]
@@ -333,6 +370,23 @@ def render(result: Dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _precompile_zmqfork() -> str:
+    """Compile zmqfork's modules to bytecode, as ``pip install`` does, and say so.
+
+    An editable install under ``PYTHONDONTWRITEBYTECODE`` compiles every module
+    from source in every process, and the compiler's garbage stays in the heap:
+    about 1 MiB more for each fork to copy, which no installed zmqfork has.
+    """
+    import compileall
+
+    spec = importlib.util.find_spec("zmqfork")
+    if spec is None or not spec.submodule_search_locations:
+        return "zmqfork not found"
+    where = list(spec.submodule_search_locations)[0]
+    ok = compileall.compile_dir(where, quiet=1, maxlevels=0)
+    return f"precompiled in {where}" if ok else f"could not precompile {where}: modules compiled at import"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller counts, fewer repetitions (< 1 min)")
@@ -345,12 +399,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         p.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
     t0 = time.monotonic()
+    precompiled = _precompile_zmqfork()
     result: Dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": a.quick,
         "command": "python benchmarks/run.py" + (" --quick" if a.quick else "")
         + ("" if only == list(SECTIONS) else f" --only {','.join(only)}"),
-        "environment": environment(),
+        "environment": {**environment(), "zmqfork_bytecode": precompiled},
         "sections": {},
         "errors": {},
     }

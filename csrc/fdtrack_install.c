@@ -44,14 +44,21 @@ static __attribute__((format(printf, 3, 4), unused)) int fail(struct failure *f,
 /*
  * In a child made by a fork that ran the handlers, only the forking thread
  * exists: an install another thread was in at the fork holds install_lock
- * for nobody.  Copies a fresh mutex over it byte by byte (no libc call).
+ * for nobody.  Copies a fresh mutex over it byte by byte (no libc call),
+ * only if it differs: a write would cost the child a copy-on-write fault of
+ * the page for nothing in the usual case, no install under way.
  */
 void zmqfork__install_lock_reset(void)
 {
     static const pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     const volatile unsigned char *from = (const volatile unsigned char *)&fresh;
     volatile unsigned char *to = (volatile unsigned char *)&install_lock;
-    for (size_t i = 0; i < sizeof install_lock; i++)
+    size_t i = 0;
+    while (i < sizeof install_lock && to[i] == from[i])
+        i++;
+    if (i == sizeof install_lock)
+        return;
+    for (i = 0; i < sizeof install_lock; i++)
         to[i] = from[i];
 }
 
