@@ -68,30 +68,41 @@ def test_the_backends_socket_init_forgets_the_handle_before_it_refuses(plain: zm
     zmq.Socket.shadow(handle).close()  # the libzmq socket itself is untouched: closed here for real
 
 
-def test_the_sockets_handle_has_one_place_in_the_object() -> None:
-    """A shadow=ADDRESS backend socket holds ADDRESS in exactly one word of its memory, where NULL reads back as
-    ``underlying == 0``: zmqfork finds it at import and forgets inherited handles there (no exception raised)."""
+@pytest.mark.parametrize("cls", [BackendSocket, BackendContext], ids=["socket", "context"])
+def test_the_handle_has_one_place_in_the_object(cls: type) -> None:
+    """A shadow=ADDRESS backend socket or context holds ADDRESS in exactly one word of its memory, where NULL reads back
+    as ``underlying == 0``: zmqfork finds it at import and forgets inherited handles there (nothing raised or run)."""
     from zmqfork._handles import handle_offset
 
-    assert handle_offset() is not None
+    assert handle_offset(cls) is not None
 
 
-@pytest.mark.parametrize("way", ["offset", "init"])
-def test_forgetting_a_handle_keeps_the_rest_of_the_socket(way: str, plain: zmq.Context[Any]) -> None:
-    """Either way of forgetting a socket's handle (the found place, or __init__'s TypeError) leaves its context and copy
-    threshold as they were, and calls no libzmq: the libzmq socket itself is still open."""
-    from zmqfork._handles import handle_offset, nulling_handle
+@pytest.mark.parametrize("way", ["offset", "pyzmq"])
+def test_forgetting_a_handle_keeps_the_rest_of_the_object(way: str, plain: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Either way of forgetting a handle (the place found, or pyzmq's own: __init__'s TypeError for a socket, term() of a
+    closed context) leaves a socket's context and copy threshold as they were, and calls no libzmq: the libzmq socket
+    and context are still alive."""
+    from zmqfork import _handles
 
-    forget = nulling_handle(handle_offset() if way == "offset" else None)
+    if way == "pyzmq":
+        monkeypatch.setattr(_handles, "handle_offset", lambda cls: None)
     sock = plain.socket(zmq.PUSH)
     sock.copy_threshold = 1234
     handle = sock.underlying
-    forget(sock)
+    _handles.nulling_handle(BackendSocket)(sock)
     assert (sock.underlying, sock.context, sock.copy_threshold) == (0, plain, 1234)
     BackendSocket.__dict__["_closed"].__set__(sock, True)  # its handle is gone: pyzmq must not close it
     real = zmq.Socket.shadow(handle)
     assert real.get(zmq.TYPE) == zmq.PUSH  # the libzmq socket is alive
     real.close()
+    ctx = zmq.Context()
+    handle = ctx.underlying
+    BackendContext.__dict__["closed"].__set__(ctx, True)
+    _handles.nulling_handle(BackendContext)(ctx)
+    assert ctx.underlying == 0
+    again = zmq.Context.shadow(handle)
+    again.socket(zmq.PUSH).close()  # the libzmq context is alive
+    again.term()
 
 
 def test_terminating_a_closed_context_only_forgets_its_handle() -> None:

@@ -28,6 +28,7 @@ from zmqfork._generation import (
     origin_in_family,
     own_handle,
 )
+from zmqfork._handles import nulling_handle
 from zmqfork._pickling import reduce_context
 from zmqfork._policy import check_policy
 from zmqfork.socket import Socket
@@ -37,7 +38,7 @@ __all__ = ["Context", "fork_safe_socket_class", "fork_safe_context_class"]
 # pyzmq's flag and handle, read and written without calling libzmq.
 _CLOSED_FLAG: Any = _BackendContext.__dict__["closed"]
 _HANDLE: Any = _BackendContext.__dict__["underlying"]
-_backend_term = _BackendContext.term
+_null_handle = nulling_handle(_BackendContext)
 
 
 class Context(zmq.Context[Socket[bytes]]):
@@ -160,7 +161,7 @@ class Context(zmq.Context[Socket[bytes]]):
         and sockets; they start again when the context is re-initialised.
         """
         _CLOSED_FLAG.__set__(self, True)
-        _backend_term(self)  # closed: pyzmq only forgets the handle (no zmq_ctx_destroy)
+        _null_handle(self)
         if self.__dict__.get("_zf_authenticators"):
             from zmqfork._auth import let_go_of_authenticators
 

@@ -21,7 +21,6 @@ import zmq
 from zmq.backend import Socket as _BackendSocket
 
 from zmqfork import _log
-from zmqfork._handles import handle_offset, nulling_handle
 from zmqfork._generation import (
     NOTICED_FLAG,
     TOKEN,
@@ -33,6 +32,7 @@ from zmqfork._generation import (
     origin_in_family,
     own_handle,
 )
+from zmqfork._handles import nulling_handle
 from zmqfork._pickling import reduce_socket
 from zmqfork._policy import check_policy
 from zmqfork._recipe import SocketRecipe
@@ -51,7 +51,7 @@ _backend_recv_into = _BackendSocket.recv_into
 # pyzmq's flag and handle, read and written without calling libzmq.
 _CLOSED_FLAG: Any = _BackendSocket.__dict__["_closed"]
 _HANDLE: Any = _BackendSocket.__dict__["underlying"]
-_null_handle = nulling_handle(handle_offset())
+_null_handle = nulling_handle(_BackendSocket)
 
 
 #: What recv returns, as in pyzmq's ``zmq.Socket[bytes]`` (its asyncio sockets return futures).
