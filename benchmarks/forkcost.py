@@ -50,10 +50,9 @@ MODES = ("raw", "pidcheck", "atfork", "zmqfork")
 
 
 def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) -> Dict[str, Any]:
-    # One CPU for the worker, its libzmq threads and its children: with libzmq's threads on another CPU, a
-    # fork's copy-on-write protection must flush that CPU's TLB too, which made each worker's fork() take
-    # either ~210 or ~480 us at random (for every mode alike) and drowned the differences measured here.
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    from common import pin_to_one_cpu
+
+    pin_to_one_cpu()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 3 * nsockets + 256) if hard != resource.RLIM_INFINITY else 3 * nsockets + 256
     if soft < want:

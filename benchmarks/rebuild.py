@@ -16,7 +16,9 @@ before ``fork()`` (this includes atfork handlers and ``register_at_fork``
 hooks, where the atfork proxy does its rebuild).  The child then flushes
 (close with linger, term) and exits; the worker checks the sink received the
 child's message, so a rebuild that does not deliver counts as broken.
-The "hand" worker never imports zmqfork.
+The "hand" worker never imports zmqfork.  Each worker, its libzmq threads
+and its children run on one CPU, as in forkcost.py (unpinned, the same worker
+measured ~490 or ~850 us for the hand-written setup from one run to the next).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ MODES = ("hand", "pidcheck", "atfork", "zmqfork")
 
 
 def worker(mode: str, reps: int, warmup: int) -> Dict[str, Any]:
+    from common import pin_to_one_cpu
+
+    pin_to_one_cpu()
     import zmq
 
     import alternatives
