@@ -18,7 +18,7 @@
 int zmqfork_init(unsigned int flags);
 volatile uint64_t *zmqfork_token(void);
 uint64_t zmqfork_refresh(void);
-void zmqfork_clear_in_children(volatile uint8_t *flag);
+volatile uint8_t *zmqfork_noticed_flag(void);
 unsigned int zmqfork_mechanisms(void);
 int zmqfork_wipeonfork_errno(void);
 int zmqfork_atfork_errno(void);

@@ -34,7 +34,7 @@ static unsigned int mechanisms;
 static int wipeonfork_errno = ENOSYS;
 static int atfork_errno = ECANCELED;
 
-/* A byte of the caller's (zmqfork_clear_in_children): cleared in every child. */
+/* The caller's byte (zmqfork_noticed_flag), right after the token in its page: cleared in every child. */
 static volatile uint8_t *noticed_flag;
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
@@ -119,6 +119,7 @@ static void init_once_body(void)
         return;
     }
     token = (volatile uint64_t *)token_page;
+    noticed_flag = (volatile uint8_t *)token_page + sizeof(uint64_t);
 
     if (init_flags & ZMQFORK_INIT_NO_WIPEONFORK)
         wipeonfork_errno = ECANCELED;
@@ -179,9 +180,9 @@ uint64_t zmqfork_refresh(void)
     return current;
 }
 
-void zmqfork_clear_in_children(volatile uint8_t *flag)
+volatile uint8_t *zmqfork_noticed_flag(void)
 {
-    __atomic_store_n(&noticed_flag, flag, __ATOMIC_SEQ_CST);
+    return noticed_flag;
 }
 
 unsigned int zmqfork_mechanisms(void)

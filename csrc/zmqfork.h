@@ -69,15 +69,15 @@ volatile uint64_t *zmqfork_token(void);
 uint64_t zmqfork_refresh(void);
 
 /*
- * Registers one byte of the caller's memory (NULL: none) that the child
- * handler, and zmqfork_refresh() when it catches up after a fork that skipped
- * the handlers, set to 0 in every child.  The caller sets it to non-zero once
- * it has noticed the fork: a single byte load is then its whole fast-path
- * check (zmqfork's Python side keeps it in a wipe-on-fork mapping of its own,
- * so that forks skipping the handlers clear it too).  The byte must stay
- * valid for the life of the process.  Thread-safe.
+ * The address of one byte for the caller, in the token's page (so
+ * wipe-on-fork, where in force, zeroes it in every child too), valid for the
+ * life of the process: 0 in every child, set so by the child handler and by
+ * zmqfork_refresh() when it catches up after a fork that skipped the
+ * handlers.  The caller sets it to non-zero once it has noticed the fork: a
+ * single byte load is then its whole fast-path check.  NULL before a
+ * successful zmqfork_init().
  */
-void zmqfork_clear_in_children(volatile uint8_t *flag);
+volatile uint8_t *zmqfork_noticed_flag(void);
 
 /* Bitmask of ZMQFORK_MECH_* in force in this process.  Thread-safe. */
 unsigned int zmqfork_mechanisms(void);

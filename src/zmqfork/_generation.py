@@ -5,7 +5,7 @@ whose libzmq object it holds.  The one fork check is ``not NOTICED_FLAG[0]``:
 a byte that every fork clears (zmqfork._native) and ``notice()`` sets again,
 so it reads 0 in a forked child until some zmqfork call notices the fork.
 It reads no attribute of any object (attribute loads on pyzmq's classes are
-slow) and costs one index of an mmap, so it is written inline in the hot
+slow) and costs one index of a byte, so it is written inline in the hot
 path; everything else calls ``notice()``.
 
 Noticing a fork (``notice()``, once per child) re-arms the token, marks every

@@ -7,7 +7,6 @@ It initialises fork detection at import and turns the C contract of
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 from typing import Callable, Optional
 
@@ -82,29 +81,15 @@ if _rc != 0:
 #: the atfork handlers until refresh() runs.
 TOKEN: memoryview = memoryview(ffi.buffer(lib.zmqfork_token(), 8)).cast("B").cast("Q")
 
-_MADV_WIPEONFORK = 18  # Linux's value; Python names it only where its build headers had it
-
-
-def _noticed_flag() -> "mmap.mmap":
-    """A byte that reads 0 in every forked child until set again: a page of our own.
-
-    The C child handler (and refresh()) clear it; where wipe-on-fork is in
-    force the kernel also zeroes the page in every child, so forks that skip
-    the handlers clear it too.  Indexing an mmap is the cheapest read of
-    foreign memory Python has (a memoryview with a format costs more).
-    """
-    flag = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if lib.zmqfork_mechanisms() & lib.ZMQFORK_MECH_WIPEONFORK:
-        flag.madvise(_MADV_WIPEONFORK)  # the C side checked that this kernel honours it
-    flag[0] = 1
-    return flag
-
-
 #: ``NOTICED_FLAG[0]`` is 0 in a forked child until zmqfork notices the fork:
-#: ``if not NOTICED_FLAG[0]`` is the whole fast-path check.
-NOTICED_FLAG = _noticed_flag()
-_flag_pointer = ffi.from_buffer(NOTICED_FLAG)  # held: the page stays exported, never unmapped
-lib.zmqfork_clear_in_children(ffi.cast("uint8_t *", _flag_pointer))
+#: ``if not NOTICED_FLAG[0]`` is the whole fast-path check.  The byte lives in
+#: the token's page (zmqfork_noticed_flag): the C child handler and refresh()
+#: clear it, and where wipe-on-fork is in force the kernel zeroes it in every
+#: child too, so forks that skip the handlers clear it as well.  Indexing a
+#: one-byte memoryview costs what indexing an mmap does, without loading the
+#: mmap module and a page of its own into every process.
+NOTICED_FLAG: memoryview = memoryview(ffi.buffer(lib.zmqfork_noticed_flag(), 1))
+NOTICED_FLAG[0] = 1
 
 
 def refresh() -> int:
