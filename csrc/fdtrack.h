@@ -16,13 +16,13 @@
  *   - close() removes the number from the table *before* the real close, so a
  *     number another thread gets back from the kernel right after is never in
  *     the table by mistake.
- *   - A tracked number's open file description carries libzmq's mark
- *     (F_SETSIG), and the number the print of its file (st_dev, st_ino),
- *     both stored before its bit is set; the cleanup closes a number only if
- *     its description still carries the mark, and, when deferred, only if it
- *     also shows that print and is a socket, kcmp() against the parent
- *     confirms it, or it is an eventfd or epoll (see identify() in
- *     fdtrack_table.c, and the INVARIANT in zmqfork.h).
+ *   - A tracked number carries the print of its file (st_dev, st_ino), and
+ *     an eventfd or epoll's description libzmq's mark (F_SETSIG), both
+ *     stored before its bit is set; the cleanup closes a number only if it
+ *     still shows that print (an eventfd or epoll: that mark), and, when
+ *     deferred, anything but a socket or an eventfd or epoll only if kcmp()
+ *     against the parent confirms it (see identify() in fdtrack_table.c, and
+ *     the INVARIANT in zmqfork.h).
  *   - The real call and its table update happen inside the *gate*; the
  *     prepare handler closes the gate and waits (at most GATE_WAIT_NS) until
  *     no call of another thread is inside, so in the child the table says
@@ -148,11 +148,10 @@ struct print {
     uint64_t ino;
 };
 
-/* The mark on every open file description libzmq made (fdtrack_table.c's
- * mark()): F_SETSIG to a signal only O_ASYNC would deliver, to an owner set
- * with F_SETOWN; libzmq sets neither, so nothing is ever sent.  62, not
- * SIGRTMAX: qemu-user keeps the guest's two highest signals for itself and
- * refuses them. */
+/* The mark on the eventfd and epoll descriptions libzmq made (fdtrack_table.c's
+ * mark()): F_SETSIG to a signal only O_ASYNC would send, which neither kind
+ * supports.  62, not SIGRTMAX: qemu-user keeps the guest's two highest
+ * signals for itself and refuses them. */
 #define MARK_SIG 62
 #ifndef F_SETSIG
 #define F_SETSIG 10

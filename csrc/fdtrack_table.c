@@ -101,10 +101,13 @@ int zmqfork__table_init(void)
 }
 
 /*
- * Marks the open file description at `fd` as one libzmq made: F_SETSIG
- * stores MARK_SIG in it, where every descriptor of it, in every process,
- * reads it back with F_GETSIG.  The signal is used only for O_ASYNC
- * notification, which libzmq never turns on.  Returns 0 if the mark could
+ * Marks the open file description of an eventfd or epoll descriptor as one
+ * libzmq made: F_SETSIG stores MARK_SIG in it, where every descriptor of it,
+ * in every process, reads it back with F_GETSIG.  Neither kind supports
+ * O_ASYNC, the only use of that signal, so the mark changes nothing they do.
+ * (Sockets are not marked: on a socket the application may turn O_ASYNC on,
+ * and would then get the mark's signal instead of its own; and a socket's
+ * print identifies its description already.)  Returns 0 if the mark could
  * not be set.  errno is kept.
  */
 static int mark(int fd)
@@ -116,9 +119,10 @@ static int mark(int fd)
 }
 
 /*
- * Records `fd` as libzmq's, with its print (`known`, or fstat's), and marks
- * its description; if the mark cannot be set, the print is left unknown (the
- * cleanup then cannot tell the number's file and leaves it open, counted).
+ * Records `fd` as libzmq's, with its print: `known` for an eventfd or epoll
+ * (the anonymous inode's), whose description is then marked (if the mark
+ * cannot be set, the print is left unknown: the cleanup cannot tell the
+ * number's file and leaves it open, counted), or fstat's for anything else.
  * The print is stored before the entry is visible, so a fork (a raw one, or one from a
  * signal handler) between the two steps leaves no entry, never one with a
  * print of something else.  Tracking a number already tracked (dup2/dup3
@@ -129,12 +133,10 @@ void zmqfork__track(int fd, const struct print *known)
     if (fd < 0)
         return;
     struct print print = {0, 0};
-    if (mark(fd)) {
-        if (known != NULL)
-            print = *known;
-        else
-            take_print(fd, &print);
-    }
+    if (known == NULL)
+        take_print(fd, &print);
+    else if (mark(fd))
+        print = *known;
     if ((unsigned int)fd < nbits) {
         /* `high` first: a fork between the two steps (from a signal handler,
          * or a raw clone) must not leave a set bit the cleanup does not scan. */
@@ -247,51 +249,76 @@ struct asker {
     pid_t self;
 };
 
-/*
- * Every tracked description carries the mark (zmqfork__track; a number whose
- * mark failed has no print), so one fcntl() answers at a fork that ran the
- * handlers: there the table is exact, and the only way a tracked number can
- * hold something else is the application's doing (its dup2 onto it, or its
- * close and a reuse), which puts a description without the mark there.  A
- * deferred cleanup follows the child's own code, which may have moved
- * libzmq's descriptions around (dup2 of one onto another's number): there the
- * mark says only "one of libzmq's", and the number must also show its print
- * (a socket's inode belongs to exactly one open file description), or
- * kcmp() must find the parent holding the same file at that number, or it is
- * an eventfd or epoll (all share the anonymous inode; the child has none
- * with the mark of its own).
- */
-static enum identity identify(int fd, const struct print *recorded, int deferred, struct asker *kcmp)
+/* kcmp(KCMP_FILE): whether `fd` is the very file the parent holds at that number. */
+static int same_as_parent(int fd, struct asker *kcmp)
 {
-    int sig = fcntl(fd, F_GETSIG);
-    if (sig < 0)
-        return errno == EBADF ? ID_GONE : ID_UNKNOWN;
-    if (recorded->dev == 0 && recorded->ino == 0)
-        return ID_UNKNOWN;
-    if (sig != MARK_SIG)
-        return ID_OTHER;
-    if (!deferred)
-        return ID_OURS;
-    struct stat st;
-    if (fstat(fd, &st) != 0)
-        return ID_UNKNOWN;
-    if ((uint64_t)st.st_dev != recorded->dev || (uint64_t)st.st_ino != recorded->ino)
-        return ID_OTHER;
-    if (S_ISSOCK(st.st_mode))
-        return ID_OURS;
 #ifdef SYS_kcmp
     if (kcmp->parent > 0) {
         long same = syscall(SYS_kcmp, (long)kcmp->parent, (long)kcmp->self, (long)ZMQFORK_KCMP_FILE,
                             (long)fd, (long)fd);
         if (same == 0)
-            return ID_OURS;
+            return 1;
         if (same < 0)
             kcmp->parent = 0; /* not permitted (seccomp, ptrace rules) or not built: stop asking */
     }
 #else
+    (void)fd;
     (void)kcmp;
 #endif
-    if (anon_known && recorded->dev == anon_print.dev && recorded->ino == anon_print.ino)
+    return 0;
+}
+
+/* Whether a print is the anonymous inode's: an eventfd or epoll descriptor, told apart by the mark. */
+static int anonymous(const struct print *print)
+{
+    return anon_known && print->dev == anon_print.dev && print->ino == anon_print.ino;
+}
+
+/*
+ * An eventfd or epoll number: the print cannot tell (all show the kernel's
+ * one anonymous inode), the mark can: libzmq's descriptions carry it, others
+ * do not.  A description with no mark at all is someone else's (the
+ * application's dup2 onto the number, or its close and a reuse); one with
+ * another signal cannot be told (the application's own signal on libzmq's
+ * eventfd, or on its own), and stays open, counted.  kcmp() would not help:
+ * the parent may hold the application's file at that number too (its dup2
+ * came before the fork).  The same in a deferred cleanup: the child's own
+ * eventfds have no mark either.
+ */
+static enum identity identify_anonymous(int fd)
+{
+    int sig = fcntl(fd, F_GETSIG);
+    if (sig < 0)
+        return errno == EBADF ? ID_GONE : ID_UNKNOWN;
+    if (sig == MARK_SIG)
+        return ID_OURS;
+    return sig == 0 ? ID_OTHER : ID_UNKNOWN;
+}
+
+/*
+ * Inside the fork (handlers ran) the table is exact, so a number whose file
+ * shows the print recorded for it is libzmq's, and one showing another print
+ * was taken over (the application's dup2, or its close and a reuse).  A
+ * deferred cleanup follows the child's own code, which may have closed
+ * libzmq's number and opened another file of the same inode there: it closes
+ * a socket on its print (a socket's inode belongs to exactly one open file
+ * description), and anything else only where kcmp() against the parent
+ * confirms it (kcmp alone would not do: the parent may have exited, and
+ * inside the fork it cannot see a dup2 the application made before it);
+ * eventfds and epolls on their mark (identify_anonymous).
+ */
+static enum identity identify(int fd, const struct print *recorded, int deferred, struct asker *kcmp)
+{
+    if (anonymous(recorded))
+        return identify_anonymous(fd);
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return errno == EBADF ? ID_GONE : ID_UNKNOWN;
+    if (recorded->dev == 0 && recorded->ino == 0)
+        return ID_UNKNOWN;
+    if ((uint64_t)st.st_dev != recorded->dev || (uint64_t)st.st_ino != recorded->ino)
+        return ID_OTHER;
+    if (!deferred || S_ISSOCK(st.st_mode) || same_as_parent(fd, kcmp))
         return ID_OURS;
     return ID_UNKNOWN;
 }

@@ -110,25 +110,27 @@ int zmqfork_atfork_errno(void);
  *
  * INVARIANT: the child never closes a descriptor that is not, at that
  * moment, the very open file description libzmq had in the parent.
- *   - Every descriptor libzmq makes has its open file description marked
- *     (F_SETSIG to a signal only O_ASYNC would deliver, which libzmq never
- *     turns on; a description the application made has no such mark), and
- *     its number's print recorded; a number whose mark could not be set is
+ *   - Each number's file is checked against what was recorded when libzmq
+ *     made it: a socket, pipe or file against its print (fstat); an eventfd
+ *     or epoll (all show the kernel's one anonymous inode) against the mark
+ *     put on its open file description then (F_SETSIG to a signal only
+ *     O_ASYNC would send, which these descriptors do not support; the
+ *     application's have no mark).  Closed already, or showing another file
+ *     (taken over by the application's dup2, or closed and reused), it is
+ *     left alone; a number whose print or mark could not be recorded is
  *     never closed (counted as untracked).  Inside the fork the table is
- *     exact (the fork gate below), so a tracked number whose description
- *     carries the mark is libzmq's, and one without it was taken over by
- *     the application (its dup2, or its close and a reuse): one fcntl() per
- *     number tells, and runs of consecutive numbers are closed with one
- *     close_range().  A deferred cleanup follows the child's own code, which
- *     may have moved libzmq's descriptions between numbers: besides the
- *     mark, it closes a socket on its print (a socket's inode belongs to
- *     exactly one open file description), an eventfd or epoll on the mark
- *     (the kernel's one anonymous inode is shared by all; the child's own
- *     have no mark), and anything else only where kcmp(KCMP_FILE) says it
- *     is the very file the parent, still alive and still its parent, holds
- *     at that number.  Where it cannot tell (an open() file or pipe with the
- *     parent gone or kcmp refused), the descriptor stays open, counted as
- *     untracked: a leak, never a wrong close.
+ *     exact (the fork gate below), so that check is the whole identity; runs
+ *     of consecutive numbers are then closed with one close_range().  A
+ *     deferred cleanup follows the child's own code, which may have closed
+ *     libzmq's number and opened another file of the same inode there: it
+ *     closes a socket on its print (a socket's inode belongs to exactly one
+ *     open file description), an eventfd or epoll on its mark, and anything
+ *     else only where kcmp(KCMP_FILE) says it is the very file the parent,
+ *     still alive and still its parent, holds at that number.  Where it
+ *     cannot tell (an open() file or pipe with the parent gone or kcmp
+ *     refused; an eventfd to which the application gave a signal of its
+ *     own), the descriptor stays open, counted as untracked: a leak, never a
+ *     wrong close.
  *   - A close() slot of the hooked object (RELRO ones included) holding
  *     anything but the wrapper at a fork (the lazy binder's write, another
  *     library's hook, chaining or not) means close() calls may have bypassed
@@ -221,9 +223,11 @@ const char *zmqfork_fdtrack_functions(void);
  *                 a forgotten table held, those a deferred cleanup could not
  *                 identify, and hooked calls in flight at a fork the bounded
  *                 wait gave up on (one each);
- *   cleanup_ns    how long the latest cleanup in this process took, in
- *                 nanoseconds of CLOCK_MONOTONIC: identifying and closing
- *                 libzmq's inherited descriptors (0 if none ran).
+ *   cleanup_ns    how long the latest cleanup took, in nanoseconds of
+ *                 CLOCK_MONOTONIC: identifying and closing libzmq's
+ *                 inherited descriptors (0 if none ran; like closed_last,
+ *                 a child made by a fork that skipped the handlers shows
+ *                 its parent's until its own deferred cleanup has run).
  * Each is read with one atomic load, the five not as one snapshot.
  * Thread-safe, async-signal-safe.
  */

@@ -872,14 +872,24 @@ def test_non_chaining_foreign_close_hook_in_relro() -> None:
     assert result["untracked"] >= 1  # type: ignore[index]
 
 
-@pytest.mark.parametrize("made", ["socket", "eventfd"])
+@pytest.mark.parametrize("takeover", ["file", "eventfd", "other-socket"])
 @pytest.mark.parametrize("kind", ["os", "libc", "raw"])
-def test_dup2_onto_a_tracked_number(kind: str, made: str, native_dir: Path) -> None:
-    """The application dup2()s its own file onto a number the hooked object's socket or eventfd held (an eventfd
-    onto an eventfd: the same anonymous inode, told apart by libzmq's mark): a child (every fork kind) keeps the file."""
+def test_dup2_onto_a_tracked_number(kind: str, takeover: str, native_dir: Path) -> None:
+    """The application dup2()s onto a number the hooked object's socket or eventfd held its own file, its own eventfd
+    (the same anonymous inode: told apart by libzmq's mark) or a dup of another socket the object made (a description
+    libzmq made, not the one at that number): a child (every fork kind) keeps what the application put there."""
     lib = compile_so(native_dir / "hooktarget-dup2.so", [NATIVE / "hooktarget.c"])
-    result = run_program("dup2_takeover.py", str(lib), kind, made)
+    result = run_program("dup2_takeover.py", str(lib), kind, takeover)
     assert result == {"child_reads": "mine", "still_listed": True}
+
+
+@pytest.mark.parametrize("kind", ["os", "libc", "raw"])
+def test_application_signal_on_a_libzmq_socket(kind: str, native_dir: Path) -> None:
+    """The application's signal-driven I/O on a socket the hooked object made gets its own signal (zmqfork marks no
+    socket), and the socket is still closed in a child (every fork kind): its F_SETSIG hides nothing."""
+    lib = compile_so(native_dir / "hooktarget-signal.so", [NATIVE / "hooktarget.c"])
+    result = run_program("app_signal_on_libzmq_socket.py", str(lib), kind)
+    assert result == {"handler_ran": True, "child": "closed"}
 
 
 def test_fork_returns_while_io_thread_waits_in_blocking_accept() -> None:

@@ -28,7 +28,8 @@ class Detection(NamedTuple):
     child (see ``zmqfork._descriptors.DescriptorTracking.untracked``);
     ``fds_cleanup_ns``: how long the cleanup after the fork that made this
     process took (identifying and closing the inherited descriptors), 0 if
-    none ran.
+    none ran (like ``fds_closed``, a child of a fork that skipped the atfork
+    handlers shows its parent's figures until its first zmqfork call).
 
     ``foreign_threads``: the threads of this process other than the caller and
     libzmq's (``zmqfork.foreign_threads()``), whose state at a fork stays the
