@@ -19,6 +19,15 @@ child's message, so a rebuild that does not deliver counts as broken.
 The "hand" worker never imports zmqfork.  Each worker, its libzmq threads
 and its children run on one CPU, as in forkcost.py (unpinned, the same worker
 measured ~490 or ~850 us for the hand-written setup from one run to the next).
+
+Then the "hand" and "zmqfork" workers fork a few more children that take the
+same steps one at a time, each timed and with the page faults it took
+(``getrusage``): where the first send's time goes.  By hand: pyzmq's
+Context (``zmq_ctx_new``), the socket (libzmq starts its I/O and reaper
+threads with the first one), connect, send.  zmqfork: noticing the fork
+(marking the inherited objects, Python only), the context re-initialised
+(``zmq_ctx_new``, options replayed), the socket re-initialised (libzmq's
+threads start, the recipe's connect replayed), send.
 """
 
 from __future__ import annotations
@@ -35,6 +44,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 MODES = ("hand", "pidcheck", "atfork", "zmqfork")
+
+#: The steps of the profile, as reported.
+PROFILE_STEPS = {
+    "hand": ("Context()", "socket(PUSH): libzmq's threads start", "connect()", "send()"),
+    "zmqfork": ("noticing the fork (Python)", "context re-initialised", "socket re-initialised: libzmq's threads "
+                "start, connect replayed", "send()"),
+}
 
 
 def worker(mode: str, reps: int, warmup: int) -> Dict[str, Any]:
@@ -111,8 +127,68 @@ def worker(mode: str, reps: int, warmup: int) -> Dict[str, Any]:
         if i >= warmup:
             first.append(t1 - t0)
             from_fork.append(t1 - t_fork)
+    steps: List[List[int]] = []
+    faults: List[List[int]] = []
+    for i in range(warmup + reps // 2 if mode in PROFILE_STEPS else 0):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                write_all(w, _profiled_child(mode, ctx, push, addr) + b"\n")
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        line = read_line(r, 10.0)
+        os.close(r)
+        sink.recv()
+        if wait_child(pid, 10.0) is None or not line:
+            failures.append("profiled child failed")
+        elif i >= warmup:
+            values = [int(x) for x in line.split()]
+            steps.append(values[:4])
+            faults.append(values[4:])
     return {"first_send_ns": first, "from_fork_ns": from_fork, "failures": failures,
-            "zmqfork_loaded": "zmqfork" in sys.modules}
+            "profile_ns": steps, "profile_faults": faults, "zmqfork_loaded": "zmqfork" in sys.modules}
+
+
+def _profiled_child(mode: str, ctx: Any, push: Any, addr: str) -> bytes:
+    """In a forked child: the first send's steps one at a time; their ns and minor faults, as one line."""
+    import resource
+
+    import zmq
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    marks = [(time.perf_counter_ns(), faults())]
+    if mode == "hand":
+        c = zmq.Context()
+        marks.append((time.perf_counter_ns(), faults()))
+        s = c.socket(zmq.PUSH)
+        marks.append((time.perf_counter_ns(), faults()))
+        s.connect(addr)
+        marks.append((time.perf_counter_ns(), faults()))
+        s.send(b"profiled")
+        marks.append((time.perf_counter_ns(), faults()))
+    else:
+        from zmqfork._generation import notice
+
+        notice()
+        marks.append((time.perf_counter_ns(), faults()))
+        ctx._zf_live()
+        marks.append((time.perf_counter_ns(), faults()))
+        push._zf_live()
+        marks.append((time.perf_counter_ns(), faults()))
+        push.send(b"profiled")
+        marks.append((time.perf_counter_ns(), faults()))
+        c, s = ctx, push
+    s.close(2000)
+    c.term()
+    took = [marks[k + 1][0] - marks[k][0] for k in range(4)]
+    took += [marks[k + 1][1] - marks[k][1] for k in range(4)]
+    return " ".join(map(str, took)).encode()
 
 
 def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
@@ -122,6 +198,8 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
     first: Dict[str, List[int]] = {m: [] for m in MODES}
     from_fork: Dict[str, List[int]] = {m: [] for m in MODES}
     failures: Dict[str, List[str]] = {m: [] for m in MODES}
+    profile_ns: Dict[str, List[List[int]]] = {m: [] for m in PROFILE_STEPS}
+    profile_faults: Dict[str, List[List[int]]] = {m: [] for m in PROFILE_STEPS}
     for rnd in range(rounds):
         shift = rnd % len(MODES)
         for mode in MODES[shift:] + MODES[:shift]:
@@ -136,6 +214,9 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
             first[mode] += data["first_send_ns"]
             from_fork[mode] += data["from_fork_ns"]
             failures[mode] += data["failures"]
+            if mode in PROFILE_STEPS:
+                profile_ns[mode] += data["profile_ns"]
+                profile_faults[mode] += data["profile_faults"]
         log(f"  rebuild round {rnd + 1}/{rounds}")
     out_cases: Dict[str, Any] = {}
     hand = summary(first["hand"])
@@ -148,7 +229,11 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
         if hand_ff and cell["from_fork"]:
             cell["from_fork"]["ratio_to_hand"] = cell["from_fork"]["median"] / hand_ff["median"]
         out_cases[mode] = cell
-    return {"rounds": rounds, "reps_per_worker": reps, "warmup": warmup, "modes": out_cases}
+    profile = {mode: [{"step": name, "ns": summary([row[k] for row in profile_ns[mode]]),
+                       "faults": summary([row[k] for row in profile_faults[mode]])}
+                      for k, name in enumerate(PROFILE_STEPS[mode])]
+               for mode in PROFILE_STEPS}
+    return {"rounds": rounds, "reps_per_worker": reps, "warmup": warmup, "modes": out_cases, "profile": profile}
 
 
 if __name__ == "__main__":

@@ -319,6 +319,19 @@ def render(result: Dict[str, Any]) -> str:
                   f"({rb['warmup']} warm-up). 'first send' is timed in the child from its first instruction; "
                   "'from fork' from the parent's stamp before fork() (includes atfork handlers and hooks).", "",
                   _table(["child does", "first send", "from fork", "not delivered"], rows), ""]
+        if rb.get("profile"):
+            rows = []
+            for mode, steps in rb["profile"].items():
+                label = "by hand" if mode == "hand" else ALT_LABEL.get(mode, mode)
+                total = sum(step["ns"].get("median", 0) for step in steps)
+                for step in steps:
+                    rows.append([label, step["step"], fmt_cell(step["ns"]), f"{step['faults'].get('median', 0):.0f}"])
+                rows.append([label, "sum of the steps' medians", fmt_ns(total),
+                             f"{sum(step['faults'].get('median', 0) for step in steps):.0f}"])
+            parts += ["Where the first send's time goes: more children take the same steps one at a time, each timed "
+                      "and with the minor page faults it took (getrusage). Every first write to a page in a forked "
+                      "child is a copy-on-write fault.", "",
+                      _table(["child", "step", "time", "page faults"], rows), ""]
     if "chain" in res and "alternatives" in res["chain"]:
         ch = res["chain"]
         rows = []
