@@ -43,8 +43,9 @@ class DescriptorTracking(NamedTuple):
     found untrustworthy had to forget (a hooked close() slot held something
     else), those a cleanup after a fork that skipped the handlers could not
     identify, and calls in flight at a fork that did not wait for them;
-    ``cleanup_ns`` how long this process's cleanup took.  The five counters are the fields of csrc/zmqfork.h's struct
-    zmqfork_fdtrack_counts, in its order.
+    ``cleanup_ns`` how long this process's cleanup took.  The five counters
+    are the fields of csrc/zmqfork.h's struct zmqfork_fdtrack_counts, in its
+    order.
     """
 
     on: bool
