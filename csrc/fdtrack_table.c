@@ -324,7 +324,7 @@ static enum identity identify(int fd, const struct print *recorded, int deferred
 }
 
 /*
- * Closes [first, first + count): numbers identify() just called libzmq's,
+ * Closes [first, first + count) (none if count is 0): numbers identify() just called libzmq's,
  * in a child made by a fork that ran the handlers (one thread, nothing runs
  * between the two steps).  One close_range() for a run of them; close() each
  * where the kernel has none (before 5.9).
@@ -380,22 +380,18 @@ void zmqfork__table_cleanup(int deferred, pid_t parent, long in_flight)
                     continue;
                 }
                 closed++;
-                if (run_count > 0 && fd == run_first + run_count) {
-                    run_count++;
-                    continue;
-                }
-                if (run_count > 0)
-                    close_run(run_first, run_count);
-                run_first = fd;
-                run_count = 1;
                 if (deferred) {
                     close_run(fd, 1);
-                    run_count = 0;
+                } else if (run_count > 0 && fd == run_first + run_count) {
+                    run_count++;
+                } else {
+                    close_run(run_first, run_count);
+                    run_first = fd;
+                    run_count = 1;
                 }
             }
         }
-        if (run_count > 0)
-            close_run(run_first, run_count);
+        close_run(run_first, run_count);
         for (int i = 0; i < OVERFLOW_SLOTS; i++) {
             int fd = overflow[i].fd;
             if (fd < 0)
