@@ -160,10 +160,9 @@ struct print {
 
 /* Maps the table, once; 0 or an errno value.  Under the install lock. */
 int zmqfork__table_init(void);
-/* The print every eventfd and epoll descriptor shows, NULL if unknown. */
-const struct print *zmqfork__table_anon_print(void);
-/* Records fd (< 0: nothing) with its print (`known`, or fstat's); removes it. */
-void zmqfork__track(int fd, const struct print *known);
+/* Records fd (< 0: nothing), an eventfd or epoll descriptor if `anonymous`;
+ * removes it. */
+void zmqfork__track(int fd, int anonymous);
 void zmqfork__untrack(int fd);
 /* Empties the table, closing nothing; counts what it held as untracked. */
 void zmqfork__table_forget(void);

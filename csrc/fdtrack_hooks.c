@@ -83,21 +83,18 @@ static __attribute__((noinline, cold)) void testing_pause(void)
 /* ---- the wrappers: the real call and the table update, inside the gate ---- */
 
 /* The body of a wrapper whose call returns one new descriptor or -1;
- * `known` is its print when the kind of descriptor fixes it, else NULL. */
-#define CREATE(call, known)                                                                 \
+ * `anonymous`: an eventfd or epoll descriptor. */
+#define CREATE(call, anonymous)                                                             \
     PASS;                                                                                   \
     pass_enter(&pass_);                                                                     \
     int fd_ = (call);                                                                       \
     TESTING_WINDOW();                                                                       \
-    zmqfork__track(fd_, (known));                                                                    \
+    zmqfork__track(fd_, (anonymous));                                                       \
     return fd_
-
-/* eventfd and epoll descriptors: the anonymous inode's print, when known. */
-#define ANON_PRINT zmqfork__table_anon_print()
 
 static int hook_socket(int domain, int type, int protocol)
 {
-    CREATE(socket(domain, type, protocol), NULL);
+    CREATE(socket(domain, type, protocol), 0);
 }
 
 /* 1 if an accept on `fd` would wait for a client: no connection is pending
@@ -133,7 +130,7 @@ static int no_client_pending(int fd)
     if (pass_.outside)                                                                      \
         pass_enter(&pass_);                                                                 \
     TESTING_WINDOW();                                                                       \
-    zmqfork__track(fd_, NULL);                                                                       \
+    zmqfork__track(fd_, 0);                                                                 \
     return fd_
 
 static int hook_accept(int fd, struct sockaddr *addr, socklen_t *len)
@@ -148,22 +145,22 @@ static int hook_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags
 
 static int hook_eventfd(unsigned int initval, int flags)
 {
-    CREATE(eventfd(initval, flags), ANON_PRINT);
+    CREATE(eventfd(initval, flags), 1);
 }
 
 static int hook_epoll_create1(int flags)
 {
-    CREATE(epoll_create1(flags), ANON_PRINT);
+    CREATE(epoll_create1(flags), 1);
 }
 
 static int hook_epoll_create(int size)
 {
-    CREATE(epoll_create(size), ANON_PRINT);
+    CREATE(epoll_create(size), 1);
 }
 
 static int hook_dup(int fd)
 {
-    CREATE(dup(fd), NULL);
+    CREATE(dup(fd), 0);
 }
 
 /* open's mode is read only when the flags say it was passed. */
@@ -180,7 +177,7 @@ static int hook_open(const char *path, int flags, ...)
     va_start(ap, flags);
     mode_t mode = open_mode(flags, ap);
     va_end(ap);
-    CREATE(open(path, flags, mode), NULL);
+    CREATE(open(path, flags, mode), 0);
 }
 
 #ifdef __GLIBC__
@@ -194,25 +191,25 @@ static int hook_open64(const char *path, int flags, ...)
     va_start(ap, flags);
     mode_t mode = open_mode(flags, ap);
     va_end(ap);
-    CREATE(open64(path, flags, mode), NULL);
+    CREATE(open64(path, flags, mode), 0);
 }
 
 static int hook_open_2(const char *path, int flags)
 {
-    CREATE(__open_2(path, flags), NULL);
+    CREATE(__open_2(path, flags), 0);
 }
 
 static int hook_open64_2(const char *path, int flags)
 {
-    CREATE(__open64_2(path, flags), NULL);
+    CREATE(__open64_2(path, flags), 0);
 }
 #endif
 
 static int hook_pair(int rc, const int fds[2])
 {
     if (rc == 0) {
-        zmqfork__track(fds[0], NULL);
-        zmqfork__track(fds[1], NULL);
+        zmqfork__track(fds[0], 0);
+        zmqfork__track(fds[1], 0);
     }
     return rc;
 }
@@ -245,7 +242,7 @@ static int hook_dup2(int fd, int target)
     pass_enter(&pass_);
     int rc = dup2(fd, target);
     if (rc >= 0 && fd != target)
-        zmqfork__track(rc, NULL);
+        zmqfork__track(rc, 0);
     return rc;
 }
 
@@ -254,7 +251,7 @@ static int hook_dup3(int fd, int target, int flags)
     PASS;
     pass_enter(&pass_);
     int rc = dup3(fd, target, flags);
-    zmqfork__track(rc, NULL);
+    zmqfork__track(rc, 0);
     return rc;
 }
 

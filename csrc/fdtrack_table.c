@@ -39,7 +39,9 @@ static unsigned int nbits;    /* bitmap size in descriptors, a multiple of 64 */
 static unsigned int high;     /* one more than the highest number ever tracked */
 static struct overflow_slot overflow[OVERFLOW_SLOTS];
 /* Every eventfd and epoll descriptor shows the kernel's one anonymous inode:
- * its print, learned at install, spares those calls an fstat(). */
+ * its print, learned at install (or from the first eventfd or epoll libzmq
+ * makes, if the probe failed: at the descriptor limit), tells them from other
+ * descriptors and spares them an fstat().  Published by `anon_known`. */
 static struct print anon_print;
 static int anon_known;
 static long tracked_now;
@@ -57,6 +59,25 @@ static void take_print(int fd, struct print *out)
     } else {
         out->dev = out->ino = 0;
     }
+}
+
+/*
+ * Whether the anonymous inode's print is known; if not, learns it from `fd`,
+ * an eventfd or epoll descriptor.  Threads learning it at once store the same
+ * print; readers see it whole once `anon_known` is set (release/acquire).
+ */
+static int learn_anon_print(int fd)
+{
+    if (__atomic_load_n(&anon_known, __ATOMIC_ACQUIRE))
+        return 1;
+    struct print print;
+    take_print(fd, &print);
+    if (print.dev == 0 && print.ino == 0)
+        return 0;
+    __atomic_store_n(&anon_print.dev, print.dev, __ATOMIC_RELAXED);
+    __atomic_store_n(&anon_print.ino, print.ino, __ATOMIC_RELAXED);
+    __atomic_store_n(&anon_known, 1, __ATOMIC_RELEASE);
+    return 1;
 }
 
 static void store_print(struct print *to, const struct print *from)
@@ -90,8 +111,7 @@ int zmqfork__table_init(void)
         overflow[i].fd = -1;
     int probe = eventfd(0, EFD_CLOEXEC); /* the real eventfd: this object is not hooked */
     if (probe >= 0) {
-        take_print(probe, &anon_print);
-        anon_known = anon_print.ino != 0;
+        (void)learn_anon_print(probe);
         (void)close(probe);
     }
     nbits = (unsigned int)want;
@@ -119,24 +139,25 @@ static int mark(int fd)
 }
 
 /*
- * Records `fd` as libzmq's, with its print: `known` for an eventfd or epoll
- * (the anonymous inode's), whose description is then marked (if the mark
- * cannot be set, the print is left unknown: the cleanup cannot tell the
- * number's file and leaves it open, counted), or fstat's for anything else.
+ * Records `fd` as libzmq's, with its print: for an eventfd or epoll
+ * (`anonymous`), the anonymous inode's, and its description is marked (if
+ * the mark cannot be set or the print is unknown, the print is left unknown:
+ * the cleanup cannot tell the number's file and leaves it open, counted);
+ * fstat's for anything else.
  * The print is stored before the entry is visible, so a fork (a raw one, or one from a
  * signal handler) between the two steps leaves no entry, never one with a
  * print of something else.  Tracking a number already tracked (dup2/dup3
  * onto libzmq's own descriptor) replaces its print and adds no duplicate.
  */
-void zmqfork__track(int fd, const struct print *known)
+void zmqfork__track(int fd, int anonymous)
 {
     if (fd < 0)
         return;
     struct print print = {0, 0};
-    if (known == NULL)
+    if (!anonymous)
         take_print(fd, &print);
-    else if (mark(fd))
-        print = *known;
+    else if (learn_anon_print(fd) && mark(fd))
+        print = anon_print;
     if ((unsigned int)fd < nbits) {
         /* `high` first: a fork between the two steps (from a signal handler,
          * or a raw clone) must not leave a set bit the cleanup does not scan. */
@@ -233,7 +254,8 @@ void zmqfork__table_forget(void)
 /* ---- identity: is this number still libzmq's? ------------------------------ */
 
 #ifndef ZMQFORK_KCMP_FILE
-#define ZMQFORK_KCMP_FILE 0 /* KCMP_FILE of <linux/kcmp.h>, the kernel ABI value */
+#define ZMQFORK_KCMP_FILE 0  /* KCMP_FILE of <linux/kcmp.h>, the kernel ABI value */
+#define ZMQFORK_KCMP_FILES 2 /* KCMP_FILES: the same descriptor table */
 #endif
 
 enum identity {
@@ -268,31 +290,50 @@ static int same_as_parent(int fd, struct asker *kcmp)
     return 0;
 }
 
+/*
+ * Whether this process shares its descriptor table with its parent: a raw
+ * clone(CLONE_FILES) without CLONE_VM has memory of its own (the token wiped,
+ * so a deferred cleanup runs) but the very descriptors the parent's libzmq
+ * is using, which no cleanup may close.  Unknown (no parent to ask, kcmp()
+ * refused) counts as not shared.
+ */
+static int shares_descriptor_table(const struct asker *kcmp)
+{
+#ifdef SYS_kcmp
+    return kcmp->parent > 0 &&
+           syscall(SYS_kcmp, (long)kcmp->parent, (long)kcmp->self, (long)ZMQFORK_KCMP_FILES, 0L, 0L) == 0;
+#else
+    (void)kcmp;
+    return 0;
+#endif
+}
+
 /* Whether a print is the anonymous inode's: an eventfd or epoll descriptor, told apart by the mark. */
 static int anonymous(const struct print *print)
 {
-    return anon_known && print->dev == anon_print.dev && print->ino == anon_print.ino;
+    return __atomic_load_n(&anon_known, __ATOMIC_ACQUIRE) && print->dev == anon_print.dev &&
+           print->ino == anon_print.ino;
 }
 
 /*
  * An eventfd or epoll number: the print cannot tell (all show the kernel's
- * one anonymous inode), the mark can: libzmq's descriptions carry it, others
- * do not.  A description with no mark at all is someone else's (the
- * application's dup2 onto the number, or its close and a reuse); one with
- * another signal cannot be told (the application's own signal on libzmq's
- * eventfd, or on its own), and stays open, counted.  kcmp() would not help:
- * the parent may hold the application's file at that number too (its dup2
- * came before the fork).  The same in a deferred cleanup: the child's own
- * eventfds have no mark either.
+ * one anonymous inode), the mark can: libzmq's descriptions carry it, the
+ * application's do not.  One without the mark is left open and counted: it
+ * is most likely the application's (its dup2 onto the number, or its close
+ * and a reuse), but the application may also have reset libzmq's own mark
+ * (F_SETSIG), and a leak must never go uncounted.  kcmp() would not help: the
+ * parent may hold the application's file at that number too (its dup2 came
+ * before the fork).  The same in a deferred cleanup: the child's own
+ * eventfds have no mark either.  Not told apart: a copy of another of
+ * libzmq's eventfds (the application's dup of one) put at the number; it is
+ * closed.
  */
 static enum identity identify_anonymous(int fd)
 {
     int sig = fcntl(fd, F_GETSIG);
     if (sig < 0)
         return errno == EBADF ? ID_GONE : ID_UNKNOWN;
-    if (sig == MARK_SIG)
-        return ID_OURS;
-    return sig == 0 ? ID_OTHER : ID_UNKNOWN;
+    return sig == MARK_SIG ? ID_OURS : ID_UNKNOWN;
 }
 
 /*
@@ -357,10 +398,10 @@ void zmqfork__table_cleanup(int deferred, pid_t parent, long in_flight)
          * repair_slots() puts a wrapper back, and it forgets the table when
          * it does): if so, a number in the table may have been closed and
          * reused, and closing it here could hit a descriptor that is not
-         * libzmq's. */
-        if (zmqfork__slots_repair())
-            zmqfork__table_forget();
+         * libzmq's.  Nor is it closed in a table shared with the parent. */
         struct asker kcmp = {parent, getpid()};
+        if (zmqfork__slots_repair() || (deferred && shares_descriptor_table(&kcmp)))
+            zmqfork__table_forget();
         /* Consecutive numbers found libzmq's, not closed yet (inside the fork
          * only: a deferred cleanup closes each at once, as the child's other
          * threads may be closing and opening descriptors meanwhile). */
@@ -460,11 +501,6 @@ int zmqfork_fdtrack_snapshot(int *fds, int max)
 void zmqfork_testing_fdtrack_table_size(unsigned int descriptors)
 {
     __atomic_store_n(&testing_table_bits, descriptors, __ATOMIC_RELAXED);
-}
-
-const struct print *zmqfork__table_anon_print(void)
-{
-    return anon_known ? &anon_print : NULL;
 }
 
 #endif /* __linux__ */

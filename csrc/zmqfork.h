@@ -117,8 +117,12 @@ int zmqfork_atfork_errno(void);
  *     O_ASYNC would send, which these descriptors do not support; the
  *     application's have no mark).  Closed already, or showing another file
  *     (taken over by the application's dup2, or closed and reused), it is
- *     left alone; a number whose print or mark could not be recorded is
- *     never closed (counted as untracked).  Inside the fork the table is
+ *     left alone; an eventfd or epoll without the mark is left open and
+ *     counted as untracked (most likely the application's, but it may be
+ *     libzmq's whose mark the application reset), as is a number whose print
+ *     or mark could not be recorded.  Not told apart: a copy of another of
+ *     libzmq's eventfds or epolls (the application's dup of one) put at a
+ *     tracked eventfd's number is closed.  Inside the fork the table is
  *     exact (the fork gate below), so that check is the whole identity; runs
  *     of consecutive numbers are then closed with one close_range().  A
  *     deferred cleanup follows the child's own code, which may have closed
@@ -126,11 +130,12 @@ int zmqfork_atfork_errno(void);
  *     closes a socket on its print (a socket's inode belongs to exactly one
  *     open file description), an eventfd or epoll on its mark, and anything
  *     else only where kcmp(KCMP_FILE) says it is the very file the parent,
- *     still alive and still its parent, holds at that number.  Where it
- *     cannot tell (an open() file or pipe with the parent gone or kcmp
- *     refused; an eventfd to which the application gave a signal of its
- *     own), the descriptor stays open, counted as untracked: a leak, never a
- *     wrong close.
+ *     still alive and still its parent, holds at that number; and nothing
+ *     at all where kcmp(KCMP_FILES) says the child shares the parent's
+ *     descriptor table (a raw clone(CLONE_FILES)).  Where it cannot tell (an
+ *     open() file or pipe with the parent gone or kcmp refused), the
+ *     descriptor stays open, counted as untracked: a leak, never a wrong
+ *     close.
  *   - A close() slot of the hooked object (RELRO ones included) holding
  *     anything but the wrapper at a fork (the lazy binder's write, another
  *     library's hook, chaining or not) means close() calls may have bypassed

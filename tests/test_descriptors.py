@@ -892,6 +892,30 @@ def test_application_signal_on_a_libzmq_socket(kind: str, native_dir: Path) -> N
     assert result == {"handler_ran": True, "child": "closed"}
 
 
+# Without wipe-on-fork a raw clone is seen only by a hooked call (it compares pids), not by zmqfork.generation().
+@pytest.mark.parametrize("via,wipe", [("zmqfork", "on"), ("libzmq", "on"), ("libzmq", "off")])
+def test_clone_sharing_the_descriptor_table_closes_nothing(via: str, wipe: str) -> None:
+    """A raw clone(CLONE_FILES) child shares the parent's descriptors: its first zmqfork or libzmq call closes none of
+    them (kcmp(KCMP_FILES) tells the table is shared), and the parent's sockets still work."""
+    env = dict(os.environ, ZMQFORK_DISABLE="wipeonfork") if wipe == "off" else None
+    result = run_program("clone_files_child.py", via, env=env)
+    assert result == {"child_status": 0, "closed_in_parent": [], "parent_works": True}
+
+
+@pytest.mark.parametrize("kind", ["os", "libc", "raw"])
+def test_libzmq_eventfd_whose_mark_was_reset_is_counted(kind: str) -> None:
+    """The application resets the signal of libzmq's eventfd (F_SETSIG 0): a child cannot tell it from the
+    application's own, so it leaves it open, and counts it as untracked."""
+    assert run_program("eventfd_mark_reset.py", kind) == {"child": "open, counted"}
+
+
+@pytest.mark.parametrize("kind", ["os", "libc", "raw"])
+def test_install_at_the_descriptor_limit_still_marks_eventfds(kind: str) -> None:
+    """Tracking installed at the descriptor limit (its probe eventfd fails) learns the anonymous inode from libzmq's
+    first eventfd: libzmq's eventfds are marked, and the application's eventfd dup2()ed onto one survives a fork."""
+    assert run_program("install_at_descriptor_limit.py", kind) == {"libzmq_eventfd_marked": True, "child_reads": 1234}
+
+
 def test_fork_returns_while_io_thread_waits_in_blocking_accept() -> None:
     """A libzmq I/O thread waiting in accept4() on a blocking ZMQ_USE_FD listener does not hold os.fork() back, and the child works."""
     result = run_program("blocking_listener.py", timeout=90)
