@@ -897,7 +897,7 @@ def test_application_signal_on_a_libzmq_socket(kind: str, native_dir: Path) -> N
 def test_clone_sharing_the_descriptor_table_closes_nothing(via: str, wipe: str) -> None:
     """A raw clone(CLONE_FILES) child shares the parent's descriptors: its first zmqfork or libzmq call closes none of
     them (kcmp(KCMP_FILES) tells the table is shared), and the parent's sockets still work."""
-    env = dict(os.environ, ZMQFORK_DISABLE="wipeonfork") if wipe == "off" else None
+    env = {"ZMQFORK_DISABLE": "wipeonfork"} if wipe == "off" else None
     result = run_program("clone_files_child.py", via, env=env)
     assert result == {"child_status": 0, "closed_in_parent": [], "parent_works": True}
 
