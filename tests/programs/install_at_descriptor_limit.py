@@ -13,6 +13,7 @@ install runs at the limit.  Prints one JSON line.
 from __future__ import annotations
 
 import fcntl
+import importlib.machinery  # noqa: F401 - what zmqfork._descriptors imports, loaded before the limit
 import importlib.util
 import json
 import os
