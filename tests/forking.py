@@ -10,13 +10,15 @@ pickled results, exceptions and process groups for tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import resource
 import signal
 import subprocess
 import time
 import traceback
-from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Set, Tuple
 
 from zmqfork._children import FORK_KINDS as _KIND_NAMES
 from zmqfork._children import fork_by as fork_with
@@ -26,6 +28,8 @@ __all__ = [
     "FORK_KINDS",
     "Child",
     "ChildFailed",
+    "at_descriptor_limit",
+    "descriptor_fate",
     "fork_with",
     "kill_leftover_children",
     "open_fds",
@@ -168,3 +172,39 @@ def run_session(argv: Sequence[str], *, env: Optional[Dict[str, str]] = None, ti
         except (ProcessLookupError, PermissionError):
             pass
     return proc.returncode, out, err
+
+
+@contextlib.contextmanager
+def at_descriptor_limit() -> Iterator[None]:
+    """Inside, every descriptor number below the soft limit is taken: the next one opened fails with EMFILE.
+
+    Fills each free number up to the highest open one with /dev/null and lowers
+    the limit to just above it; restores the limit and closes the fillers after.
+    """
+    highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+    fillers = []
+    while True:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        if fd > highest:
+            os.close(fd)
+            break
+        fillers.append(fd)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in fillers:
+            os.close(fd)
+
+
+def descriptor_fate(fd: int, untracked_before: int) -> str:
+    """In a child after its cleanup: "closed", or "open, counted" / "open, not counted" as an untracked descriptor."""
+    from zmqfork import _native
+
+    try:
+        os.fstat(fd)
+    except OSError:
+        return "closed"
+    return "open, counted" if _native.fdtrack_counts()["untracked"] > untracked_before else "open, not counted"

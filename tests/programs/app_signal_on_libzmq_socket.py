@@ -23,7 +23,7 @@ import sys
 
 import zmqfork
 from zmqfork import _native
-from forking import run_in_child
+from forking import descriptor_fate, run_in_child
 
 F_SETSIG = 10
 path, kind = sys.argv[1], sys.argv[2]
@@ -43,16 +43,13 @@ fcntl.fcntl(mine, fcntl.F_SETFL, fcntl.fcntl(mine, fcntl.F_GETFL) | os.O_ASYNC |
 os.write(other, b"x")
 signalled = bool(select.select([wake_r], [], [], 10)[0])
 fcntl.fcntl(mine, fcntl.F_SETFL, fcntl.fcntl(mine, fcntl.F_GETFL) & ~os.O_ASYNC)
+before = _native.fdtrack_counts()["untracked"]
 
 
 def child() -> object:
     if kind == "raw":
         zmqfork.generation()  # no handler ran: the first zmqfork call cleans up
-    try:
-        os.fstat(mine)
-    except OSError:
-        return "closed"
-    return "open, counted" if zmqfork.detection().fds_untracked else "open, not counted"
+    return descriptor_fate(mine, before)
 
 
 print(json.dumps({"handler_ran": signalled, "child": run_in_child(child, kind=kind)}))

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import sys
 
 import zmq
 
 import zmqfork
 from zmqfork import _native
-from forking import run_in_child
+from forking import descriptor_fate, run_in_child
 
 F_SETSIG = 10
 kind = sys.argv[1]
@@ -34,11 +33,7 @@ before = _native.fdtrack_counts()["untracked"]
 def child() -> object:
     if kind == "raw":
         zmqfork.generation()  # no handler ran: the first zmqfork call cleans up
-    try:
-        os.fstat(number)
-    except OSError:
-        return "closed"
-    return "open, counted" if _native.fdtrack_counts()["untracked"] > before else "open, not counted"
+    return descriptor_fate(number, before)
 
 
 print(json.dumps({"child": run_in_child(child, kind=kind)}))

@@ -17,11 +17,12 @@ import importlib.machinery  # noqa: F401 - what zmqfork._descriptors imports, lo
 import importlib.util
 import json
 import os
-import resource
 import sys
 import types
 
 import zmq  # noqa: F401 - loaded before the limit, as an application would have it
+
+from forking import at_descriptor_limit, run_in_child
 
 F_GETSIG = 11
 kind = sys.argv[1]
@@ -30,7 +31,7 @@ assert package is not None and package.submodule_search_locations is not None
 stub = types.ModuleType("zmqfork")
 stub.__path__ = list(package.submodule_search_locations)
 sys.modules["zmqfork"] = stub  # its submodules, without the package's __init__ (which installs at once)
-from zmqfork import _native  # noqa: E402
+from zmqfork import _native  # noqa: E402,F401 - what zmqfork._descriptors imports, loaded before the limit
 
 spec = importlib.util.find_spec("zmqfork._descriptors")
 assert spec is not None and spec.loader is not None
@@ -38,25 +39,10 @@ code = spec.loader.get_code("zmqfork._descriptors")  # type: ignore[attr-defined
 module = types.ModuleType("zmqfork._descriptors")
 module.__file__ = spec.origin
 sys.modules["zmqfork._descriptors"] = module
-highest = max(int(name) for name in os.listdir("/proc/self/fd"))
-filling = []
-while True:
-    fd = os.open(os.devnull, os.O_RDONLY)
-    if fd > highest:
-        os.close(fd)
-        break
-    filling.append(fd)
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
-try:
+with at_descriptor_limit():
     exec(code, module.__dict__)  # the install: its probe eventfd gets EMFILE
-finally:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    for fd in filling:
-        os.close(fd)
 del sys.modules["zmqfork"]
 import zmqfork  # noqa: E402
-from forking import run_in_child  # noqa: E402
 
 assert module.state().on, module.state().reason
 ctx = zmqfork.Context()
