@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     fork_with,
     free_tcp_endpoint,
     read_line,
+    rotations,
     summary,
     wait_child,
     write_all,
@@ -125,9 +126,8 @@ def wrapper_worker(hooked: str, plain: str, iterations: int, reps: int, warmup: 
             getattr(lib, loop).argtypes = [ctypes.c_long]
     samples: Dict[str, Dict[str, List[float]]] = {loop: {copy: [] for copy in libs} for loop in LOOPS}
     order = [(loop, copy) for loop in LOOPS for copy in libs]
-    for rep in range(warmup + reps):
-        shift = rep % len(order)
-        for loop, copy in order[shift:] + order[:shift]:
+    for rep, rotated in rotations(order, warmup + reps):
+        for loop, copy in rotated:
             t0 = time.perf_counter_ns()
             done = getattr(libs[copy], loop)(iterations)
             elapsed = time.perf_counter_ns() - t0
@@ -320,9 +320,8 @@ def _cleanup(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
     rounds, forks, warmup = (2, 8, 2) if quick else (10, 25, 5)
     configs = [(mode, n) for n in counts for mode in MODES]
     runs: Dict[tuple, List[Dict[str, Any]]] = {config: [] for config in configs}
-    for rnd in range(rounds):
-        shift = rnd % len(configs)
-        for mode, n in configs[shift:] + configs[:shift]:
+    for rnd, order in rotations(configs, rounds):
+        for mode, n in order:
             runs[mode, n].append(_run_worker(mode, ["cleanup", "--mode", mode, "--sockets", str(n), "--forks",
                                                     str(forks), "--warmup", str(warmup)], timeout=120))
         log(f"  fdtrack cleanup round {rnd + 1}/{rounds}")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List
 import zmq
 
 import alternatives
-from common import PERCALL_ALTERNATIVES, free_tcp_endpoint, summary
+from common import PERCALL_ALTERNATIVES, free_tcp_endpoint, rotations, summary
 
 # (case id, pattern, transport, payload size)
 CASES = [
@@ -90,9 +90,7 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
     samples: Dict[tuple, List[float]] = {key: [] for key in pairs}
     gc_was = gc.isenabled()
     try:
-        for rep in range(warmup + reps):
-            shift = rep % len(PERCALL_ALTERNATIVES)
-            order = PERCALL_ALTERNATIVES[shift:] + PERCALL_ALTERNATIVES[:shift]
+        for rep, order in rotations(PERCALL_ALTERNATIVES, warmup + reps):
             for case, pattern, transport, size in CASES:
                 msg = b"x" * size
                 for alt in order:

@@ -192,7 +192,7 @@ def _profiled_child(mode: str, ctx: Any, push: Any, addr: str) -> bytes:
 
 
 def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
-    from common import summary
+    from common import rotations, summary
 
     rounds, reps, warmup = (2, 8, 2) if quick else (6, 30, 5)
     first: Dict[str, List[int]] = {m: [] for m in MODES}
@@ -200,9 +200,8 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
     failures: Dict[str, List[str]] = {m: [] for m in MODES}
     profile_ns: Dict[str, List[List[int]]] = {m: [] for m in PROFILE_STEPS}
     profile_faults: Dict[str, List[List[int]]] = {m: [] for m in PROFILE_STEPS}
-    for rnd in range(rounds):
-        shift = rnd % len(MODES)
-        for mode in MODES[shift:] + MODES[:shift]:
+    for rnd, order in rotations(MODES, rounds):
+        for mode in order:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode,
                    "--reps", str(reps), "--warmup", str(warmup)]
             try:
