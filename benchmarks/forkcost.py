@@ -21,10 +21,13 @@ about 210 or about 480 us at random, whatever the mode.
 The child's start is also split.  zmqfork's child reports how long its
 descriptor cleanup took (``fds_cleanup_ns``, timed inside the atfork handler)
 and how many it closed, so "everything else" is the child's start minus the
-cleanup.  The limit of the cleanup is one ``close()`` per inherited libzmq
-descriptor: the raw child, after its stamp, runs a plain C loop of ``close()``
-(``closeloop.c``) over the same descriptors (every one opened since before
-the first context) and reports its time.
+cleanup.  The cleanup is set beside two floors, run by the raw child after its
+stamp over the same descriptors (every one opened since before the first
+context), on alternate forks (``closeloop.c``): a plain C loop of ``close()``,
+the floor of any cleanup; and the checks zmqfork's cleanup makes, without its
+table (``fstat()`` per socket, ``fcntl()`` per eventfd or epoll,
+``close_range()`` per run), the floor of a cleanup that must not close a
+descriptor the application put at one of the numbers.
 
 The driver interleaves workers: each round runs every (mode, N) once, in
 rotating order; the first forks of each worker are warm-up and discarded.
@@ -47,6 +50,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 MODES = ("raw", "pidcheck", "atfork", "zmqfork")
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) -> Dict[str, Any]:
@@ -89,12 +100,16 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) ->
     for _ in range(nsockets):
         sink.recv()
     fds = len(os.listdir("/proc/self/fd"))
-    # libzmq's descriptors (the sink's too, which zmqfork also closes), and the plain C loop that closes them.
-    libzmq_fds = sorted(int(fd) for fd in set(os.listdir("/proc/self/fd")) - before)
+    # libzmq's descriptors (the sink's too, which zmqfork also closes), and the plain C loops that close them;
+    # not the listing's own directory descriptor, closed by now (a child's pipe would take its number).
+    libzmq_fds = sorted(fd for fd in (int(name) for name in set(os.listdir("/proc/self/fd")) - before) if is_open(fd))
     close_array = (ctypes.c_int * len(libzmq_fds))(*libzmq_fds)
-    close_loop = ctypes.CDLL(closeloop).close_loop if closeloop and mode == "raw" else None
-    if close_loop is not None:
-        close_loop.restype = ctypes.c_long
+    anonymous = (ctypes.c_ubyte * len(libzmq_fds))(
+        *(os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:") for fd in libzmq_fds))
+    inodes = (ctypes.c_uint64 * len(libzmq_fds))(*(os.fstat(fd).st_ino for fd in libzmq_fds))
+    floors = ctypes.CDLL(closeloop) if closeloop and mode == "raw" else None
+    if floors is not None:
+        floors.close_loop.restype = floors.check_close_loop.restype = ctypes.c_long
     with open("/proc/self/maps") as f:
         mappings = sum(1 for _ in f)
     with open("/proc/self/status") as f:
@@ -105,6 +120,7 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) ->
     rest_ns: List[int] = []  # the child's start without its descriptor cleanup
     closed: List[int] = []
     loop_ns: List[int] = []
+    check_ns: List[int] = []
     failures = 0
     for i in range(warmup + forks):
         r, w = os.pipe()
@@ -114,8 +130,13 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) ->
             tc = time.perf_counter_ns()
             try:
                 done = counts()
-                loop = close_loop(close_array, len(libzmq_fds)) if close_loop is not None else -1
-                os.write(w, b"%d %d %d %d\n" % (tc, done.get("cleanup_ns", -1), done.get("closed_last", -1), loop))
+                loop = check = -1
+                if floors is not None and i % 2:
+                    check = floors.check_close_loop(close_array, anonymous, inodes, len(libzmq_fds))
+                elif floors is not None:
+                    loop = floors.close_loop(close_array, len(libzmq_fds))
+                os.write(w, b"%d %d %d %d %d\n" % (tc, done.get("cleanup_ns", -1), done.get("closed_last", -1),
+                                                   loop, check))
             finally:
                 os._exit(0)
         t1 = time.perf_counter_ns()
@@ -127,7 +148,7 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) ->
             failures += 1
             continue
         if i >= warmup:
-            tc, cleanup, closed_now, loop = map(int, line.split())
+            tc, cleanup, closed_now, loop, check = map(int, line.split())
             parent_ns.append(t1 - t0)
             child_ns.append(tc - t0)
             if cleanup >= 0:
@@ -136,18 +157,21 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) ->
                 rest_ns.append(tc - t0 - cleanup)
             if loop >= 0:
                 loop_ns.append(loop)
+            if check >= 0:
+                check_ns.append(check)
     for s in socks:
         s.close(0)
     sink.close(0)
     return {"parent_ns": parent_ns, "child_ns": child_ns, "fds": fds, "failures": failures,
             "cleanup_ns": cleanup_ns, "child_rest_ns": rest_ns, "closed": closed, "loop_ns": loop_ns,
+            "check_ns": check_ns,
             "libzmq_fds": len(libzmq_fds),
             "mappings": mappings, "rss_kib": rss_kib,
             "zmqfork_loaded": "zmqfork" in sys.modules}
 
 
 #: Per-fork samples a worker returns, pooled over its rounds.
-SAMPLES = ("parent_ns", "child_ns", "cleanup_ns", "child_rest_ns", "loop_ns", "closed")
+SAMPLES = ("parent_ns", "child_ns", "cleanup_ns", "child_rest_ns", "loop_ns", "check_ns", "closed")
 
 
 def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
@@ -201,6 +225,8 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
             if got["loop_ns"] and cell.get("libzmq_fds"):
                 cell["close_loop"] = summary(got["loop_ns"])
                 cell["close_loop_per_fd"] = summary([ns / cell["libzmq_fds"] for ns in got["loop_ns"]])
+            if got["check_ns"] and cell.get("libzmq_fds"):
+                cell["check_loop_per_fd"] = summary([ns / cell["libzmq_fds"] for ns in got["check_ns"]])
             row[mode] = cell
         for mode in MODES:
             for key in ("parent", "child", "child_rest"):

@@ -65,6 +65,20 @@ def _spread(s: Dict[str, float], fmt: str = "{:.0f}") -> str:
 # ---- targets ------------------------------------------------------------------------------
 
 
+def _cleanup_rows(add: Callable[[str, Optional[float], str, Optional[bool], str], None], n: str,
+                  case: Dict[str, Any]) -> None:
+    """The target table's rows for the child's descriptor cleanup at ``n`` sockets, against both floors."""
+    z, raw = case["zmqfork"], case["raw"]
+    per_fd = z.get("cleanup_per_fd", {})
+    for key, floor_name in (("close_loop_per_fd", "plain C close() loop"),
+                            ("check_loop_per_fd", "its checks in a plain C loop")):
+        floor = raw.get(key, {})
+        r = per_fd["median"] / floor["median"] if per_fd.get("median") and floor.get("median") else None
+        add(f"fork cost, {n} sockets, cleanup per descriptor / {floor_name}", r, "reported", None,
+            f"{_ratio(r)} ({fmt_ns(per_fd.get('median'))} vs {fmt_ns(floor.get('median'))} per descriptor, "
+            f"{z.get('closed', '?')} descriptors)")
+
+
 def targets(res: Dict[str, Any], quick: bool) -> List[Dict[str, Any]]:
     out: List[Dict[str, Any]] = []
 
@@ -96,6 +110,7 @@ def targets(res: Dict[str, Any], quick: bool) -> List[Dict[str, Any]]:
             add(f"fork cost, 100 sockets, {label}, zmqfork / without", r, "<= 1.05",
                 None if r is None else r <= 1.05,
                 f"{_ratio(r)} ({fmt_ns(fc['zmqfork'][key].get('median'))} vs {fmt_ns(fc['raw'][key].get('median'))})")
+        _cleanup_rows(add, "100", fc)
     fc = res.get("forkcost", {}).get("cases", {}).get("1000")
     if fc:
         z, raw = fc["zmqfork"], fc["raw"]
@@ -107,11 +122,7 @@ def targets(res: Dict[str, Any], quick: bool) -> List[Dict[str, Any]]:
         add("fork cost, 1000 sockets, child start without the descriptor cleanup, zmqfork / without", r, "<= 1.05",
             None if r is None else r <= 1.05,
             f"{_ratio(r)} ({fmt_ns(rest.get('median'))} vs {fmt_ns(raw['child'].get('median'))})")
-        per_fd, floor = z.get("cleanup_per_fd", {}), raw.get("close_loop_per_fd", {})
-        r = per_fd["median"] / floor["median"] if per_fd.get("median") and floor.get("median") else None
-        add("fork cost, 1000 sockets, cleanup per descriptor / plain C close() loop", r, "reported", None,
-            f"{_ratio(r)} ({fmt_ns(per_fd.get('median'))} vs {fmt_ns(floor.get('median'))} per descriptor, "
-            f"{z.get('closed', '?')} descriptors)")
+        _cleanup_rows(add, "1000", fc)
     rb = res.get("rebuild", {}).get("modes")
     if rb:
         r = rb["zmqfork"]["first_send"].get("ratio_to_hand")
@@ -289,9 +300,11 @@ def render(result: Dict[str, Any]) -> str:
                 blank = [""] * (len(ALTERNATIVES) - 1)
                 rows.append([n, "child start without the descriptor cleanup", ""] + blank
                             + [f"{fmt_cell(z['child_rest'])} {_ratio(z['child_rest'].get('ratio_to_raw'))}"])
-                floor = raw.get("close_loop_per_fd")
+                floors = "; ".join(f"{name}: {fmt_cell(raw[key]) if raw.get(key) else 'n/a'}"
+                                   for key, name in (("close_loop_per_fd", "plain C close() loop"),
+                                                     ("check_loop_per_fd", "its checks in C")))
                 rows.append([n, f"descriptor cleanup ({z.get('closed', '?')} closed); per descriptor", "",
-                             "plain C close() loop: " + (fmt_cell(floor) if floor else "n/a")] + blank[1:]
+                             floors] + blank[1:]
                             + [f"{fmt_cell(z['cleanup'])}; {fmt_cell(z['cleanup_per_fd'])}"])
         parts += ["## 2. Fork cost (os.fork with N live tcp sockets; ratio to the same process without zmqfork)", "",
                   f"{fc['rounds']} interleaved worker rounds x {fc['forks_per_worker']} forks "
@@ -301,9 +314,12 @@ def render(result: Dict[str, Any]) -> str:
                   "before the child's first instruction. Each worker and its children run on one CPU (unpinned, "
                   "a fork also flushes the TLB of the CPU where a libzmq thread last ran, and a worker's fork() "
                   "took ~210 or ~480 us at random, for every mode). zmqfork's child start is also split: its "
-                  "descriptor cleanup (timed inside the atfork handler: a mark check per descriptor, close_range() "
-                  "per run of numbers) and everything else; the raw child runs a plain C loop of close() over the "
-                  "same descriptors, the floor of any cleanup.", "",
+                  "descriptor cleanup (timed inside the atfork handler: an fstat() per socket, an fcntl() mark check "
+                  "per eventfd or epoll, close_range() per run of numbers) and everything else. The raw child, on "
+                  "alternate forks, runs over the same descriptors a plain C loop of close() (the floor of any "
+                  "cleanup) or the cleanup's checks in a plain C loop without its table (fstat() per socket, "
+                  "fcntl() per eventfd or epoll, close_range() per run: the floor of a cleanup that never closes "
+                  "a descriptor the application put at one of the numbers).", "",
                   _table(["sockets", "measure", "shape (without / with zmqfork)"] + labels, rows), ""]
     if "rebuild" in res and "modes" in res["rebuild"]:
         rb = res["rebuild"]
@@ -344,7 +360,9 @@ def render(result: Dict[str, Any]) -> str:
                 continue
             mem = "-" if not c["mappings_per_generation"] else (
                 f"{_spread(c['mappings_per_generation'], '{:+.2f}')} maps, "
-                f"{_spread(c['rss_kib_per_generation'], '{:+.1f}')} KiB RSS")
+                f"{_spread(c['rss_kib_per_generation'], '{:+.1f}')} KiB RSS"
+                + (f" (first {ch['early_generations']}: {_spread(c['rss_kib_per_generation_early'], '{:+.1f}')} KiB)"
+                   if c.get("rss_kib_per_generation_early") and ch.get("early_generations") else ""))
             fps = _spread(c["forks_per_second"]) + (
                 f" ({_spread(c['forks_per_second_first'])} -> {_spread(c['forks_per_second_last'])})"
                 if c["forks_per_second_first"] and c["forks_per_second_last"] else "")
@@ -359,7 +377,9 @@ def render(result: Dict[str, Any]) -> str:
                   f"timeout {ch['timeout_s']:.0f} s per run)", "",
                   f"Each alternative's chain ran {ch['repeats']} times, the runs interleaved in rotating order; "
                   "cells are the median over the runs and, where they differ, [min–max]. fds/gen and memory/gen "
-                  "are least-squares slopes (memory sampled every 64 generations); forks/s is overall (first "
+                  "are least-squares slopes over the forked generations (memory sampled every 64), and RSS also "
+                  "over the first generations alone, which every chain reaches (the chains stop at very "
+                  "different lengths); forks/s is overall (first "
                   "eighth of the chain -> last eighth); 'stopped' counts the runs by why they stopped.", "",
                   _table(["alternative", "runs", "generations", "delivered", "fds first -> last", "fds/gen",
                           "memory/gen", "forks/s", "seconds", "stopped"], rows), ""]
