@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import errno
 import json
 import os
 import resource
@@ -50,6 +49,7 @@ from common import rotations, summary  # noqa: E402
 
 ALTS = ("raw", "pidcheck", "atfork", "zmqfork")
 FD_LIMIT = 1024
+EARLY_GENERATIONS = 128  # reached by every alternative under FD_LIMIT (raw pyzmq runs out near 150)
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -214,9 +214,14 @@ def runner(alt: str, cap: int, timeout: float) -> Dict[str, Any]:
         mg = sorted(memory)
         result["memory_samples"] = [[g, memory[g][0], memory[g][1] * page_kib, memory[g][2] * page_kib] for g in mg]
         result["mappings_first"], result["mappings_last"] = memory[mg[0]][0], memory[mg[-1]][0]
-        result["mappings_per_generation"] = _slope(mg, [memory[g][0] for g in mg])
-        result["rss_kib_per_generation"] = _slope(mg, [memory[g][2] * page_kib for g in mg])
-        result["vsz_kib_per_generation"] = _slope(mg, [memory[g][1] * page_kib for g in mg])
+        # Slopes over the forked generations (the root is a fresh interpreter, not a child), and over the first
+        # EARLY_GENERATIONS alone, which every alternative reaches: the chains stop at very different lengths.
+        forked = [g for g in mg if g >= 1]
+        early = [g for g in forked if g <= EARLY_GENERATIONS]
+        result["mappings_per_generation"] = _slope(forked, [memory[g][0] for g in forked])
+        result["rss_kib_per_generation"] = _slope(forked, [memory[g][2] * page_kib for g in forked])
+        result["vsz_kib_per_generation"] = _slope(forked, [memory[g][1] * page_kib for g in forked])
+        result["rss_kib_per_generation_early"] = _slope(early, [memory[g][2] * page_kib for g in early])
     if completed >= cap + 1:
         result["stop_reason"] = f"reached the cap ({cap} generations)"
         result["stopped"] = result["stop_reason"]
@@ -265,7 +270,7 @@ def _reap_all(deadline: float) -> int:
 #: What is summarised over an alternative's runs (median, quartiles, min, max).
 SUMMARISED = ("generations_completed", "delivered", "fds_first", "fds_last", "fds_per_generation",
               "forks_per_second", "forks_per_second_first", "forks_per_second_last", "mappings_per_generation",
-              "rss_kib_per_generation", "vsz_kib_per_generation", "elapsed_s")
+              "rss_kib_per_generation", "rss_kib_per_generation_early", "vsz_kib_per_generation", "elapsed_s")
 
 
 def _aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -303,7 +308,8 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
             runs[alt].append(res)
             log(f"  chain run {rnd + 1}/{repeats}, {alt}: {res.get('generations_completed', '?')} generations; "
                 f"{res.get('stopped', res.get('error'))}")
-    return {"cap": cap, "timeout_s": timeout, "fd_limit": FD_LIMIT, "repeats": repeats,
+    return {"cap": cap, "timeout_s": timeout, "fd_limit": FD_LIMIT, "early_generations": EARLY_GENERATIONS,
+            "repeats": repeats,
             "alternatives": {alt: _aggregate(runs[alt]) for alt in ALTS}}
 
 
