@@ -38,16 +38,6 @@ long close_loop(const int *fds, int count)
     return failed ? -1 : ns;
 }
 
-/* As zmqfork's cleanup asks (csrc/fdtrack_table.c: stat_fd). */
-static int stat_fd(int fd, struct stat *st)
-{
-#if defined(SYS_fstat) && defined(__x86_64__) && defined(__LP64__)
-    return (int)syscall(SYS_fstat, fd, st);
-#else
-    return fstat(fd, st);
-#endif
-}
-
 static int close_numbers(int first, int count)
 {
 #ifdef SYS_close_range
@@ -70,7 +60,7 @@ long check_close_loop(const int *fds, const unsigned char *anonymous, const uint
         if (anonymous[i])
             failed |= fcntl(fds[i], F_GETSIG) < 0;
         else
-            failed |= stat_fd(fds[i], &st) != 0 || (uint64_t)st.st_ino != ino[i];
+            failed |= fstat(fds[i], &st) != 0 || (uint64_t)st.st_ino != ino[i];
         if (run_count > 0 && fds[i] == run_first + run_count) {
             run_count++;
         } else {

@@ -50,27 +50,10 @@ static long closed_total;
 static long untracked;
 static long cleanup_ns;
 
-/*
- * fstat() by the kernel's own fstat syscall on x86_64, whose struct stat is
- * libc's (glibc and musl): libc's fstat() asks newfstatat(fd, "",
- * AT_EMPTY_PATH), which first looks at an empty path; measured in a child's
- * cleanup, about 25 ns more per socket (237 against 261 ns, cold).  The
- * takeover tests (tests/test_descriptors.py) pin the fields read, natively
- * only; elsewhere libc's fstat().
- */
-static int stat_fd(int fd, struct stat *st)
-{
-#if defined(SYS_fstat) && defined(__x86_64__) && defined(__LP64__)
-    return (int)syscall(SYS_fstat, fd, st);
-#else
-    return fstat(fd, st);
-#endif
-}
-
 static void take_print(int fd, struct print *out)
 {
     struct stat st;
-    if (stat_fd(fd, &st) == 0) {
+    if (fstat(fd, &st) == 0) {
         out->dev = (uint64_t)st.st_dev;
         out->ino = (uint64_t)st.st_ino;
     } else {
@@ -370,7 +353,7 @@ static enum identity identify(int fd, const struct print *recorded, int deferred
     if (anonymous(recorded))
         return identify_anonymous(fd);
     struct stat st;
-    if (stat_fd(fd, &st) != 0)
+    if (fstat(fd, &st) != 0)
         return errno == EBADF ? ID_GONE : ID_UNKNOWN;
     if (recorded->dev == 0 && recorded->ino == 0)
         return ID_UNKNOWN;
