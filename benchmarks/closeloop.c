@@ -38,11 +38,12 @@ long close_loop(const int *fds, int count)
     return failed ? -1 : ns;
 }
 
+/* As zmqfork's close_run(): close_range() for a run, close() each where the kernel refuses it. */
 static int close_numbers(int first, int count)
 {
 #ifdef SYS_close_range
-    if (count > 1)
-        return syscall(SYS_close_range, (unsigned int)first, (unsigned int)(first + count - 1), 0u) != 0;
+    if (count > 1 && syscall(SYS_close_range, (unsigned int)first, (unsigned int)(first + count - 1), 0u) == 0)
+        return 0;
 #endif
     int failed = 0;
     for (int fd = first; fd < first + count; fd++)

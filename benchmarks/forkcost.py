@@ -50,6 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 MODES = ("raw", "pidcheck", "atfork", "zmqfork")
+NOT_RUN = -2  # a floor this fork did not run (the loops return -1 when a call failed)
 
 
 def is_open(fd: int) -> bool:
@@ -79,7 +80,7 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) ->
         from zmqfork import _native
 
         counts = _native.fdtrack_counts
-    before = set(os.listdir("/proc/self/fd"))
+    before = {fd for fd in (int(name) for name in os.listdir("/proc/self/fd")) if is_open(fd)}
     sink_ctx = zmq.Context()
     sink_ctx.set(zmq.MAX_SOCKETS, nsockets + 64)
     sink = sink_ctx.socket(zmq.PULL)
@@ -102,7 +103,7 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) ->
     fds = len(os.listdir("/proc/self/fd"))
     # libzmq's descriptors (the sink's too, which zmqfork also closes), and the plain C loops that close them;
     # not the listing's own directory descriptor, closed by now (a child's pipe would take its number).
-    libzmq_fds = sorted(fd for fd in (int(name) for name in set(os.listdir("/proc/self/fd")) - before) if is_open(fd))
+    libzmq_fds = sorted(fd for fd in (int(name) for name in os.listdir("/proc/self/fd")) if fd not in before and is_open(fd))
     close_array = (ctypes.c_int * len(libzmq_fds))(*libzmq_fds)
     anonymous = (ctypes.c_ubyte * len(libzmq_fds))(
         *(os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:") for fd in libzmq_fds))
@@ -119,8 +120,10 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) ->
     cleanup_ns: List[int] = []
     rest_ns: List[int] = []  # the child's start without its descriptor cleanup
     closed: List[int] = []
-    loop_ns: List[int] = []
-    check_ns: List[int] = []
+    # The floors' times per descriptor (each worker divides by its own count), and the floors that failed.
+    loop_per_fd: List[float] = []
+    check_per_fd: List[float] = []
+    floor_failures = 0
     failures = 0
     for i in range(warmup + forks):
         r, w = os.pipe()
@@ -130,7 +133,7 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) ->
             tc = time.perf_counter_ns()
             try:
                 done = counts()
-                loop = check = -1
+                loop = check = NOT_RUN
                 if floors is not None and i % 2:
                     check = floors.check_close_loop(close_array, anonymous, inodes, len(libzmq_fds))
                 elif floors is not None:
@@ -155,23 +158,24 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) ->
                 cleanup_ns.append(cleanup)
                 closed.append(closed_now)
                 rest_ns.append(tc - t0 - cleanup)
-            if loop >= 0:
-                loop_ns.append(loop)
-            if check >= 0:
-                check_ns.append(check)
+            for ns, into in ((loop, loop_per_fd), (check, check_per_fd)):
+                if ns >= 0:
+                    into.append(ns / len(libzmq_fds))
+                elif ns != NOT_RUN:
+                    floor_failures += 1
     for s in socks:
         s.close(0)
     sink.close(0)
     return {"parent_ns": parent_ns, "child_ns": child_ns, "fds": fds, "failures": failures,
-            "cleanup_ns": cleanup_ns, "child_rest_ns": rest_ns, "closed": closed, "loop_ns": loop_ns,
-            "check_ns": check_ns,
+            "cleanup_ns": cleanup_ns, "child_rest_ns": rest_ns, "closed": closed,
+            "loop_per_fd": loop_per_fd, "check_per_fd": check_per_fd, "floor_failures": floor_failures,
             "libzmq_fds": len(libzmq_fds),
             "mappings": mappings, "rss_kib": rss_kib,
             "zmqfork_loaded": "zmqfork" in sys.modules}
 
 
 #: Per-fork samples a worker returns, pooled over its rounds.
-SAMPLES = ("parent_ns", "child_ns", "cleanup_ns", "child_rest_ns", "loop_ns", "check_ns", "closed")
+SAMPLES = ("parent_ns", "child_ns", "cleanup_ns", "child_rest_ns", "loop_per_fd", "check_per_fd", "closed")
 
 
 def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
@@ -207,6 +211,7 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
                 for key in ("fds", "mappings", "rss_kib", "zmqfork_loaded", "libzmq_fds"):
                     meta[key] = data[key]
                 meta["failures"] = meta.get("failures", 0) + data["failures"]
+                meta["floor_failures"] = meta.get("floor_failures", 0) + data["floor_failures"]
             log(f"  fork-cost round {rnd + 1}/{rounds}")
     result: Dict[str, Any] = {"rounds": rounds, "forks_per_worker": forks, "warmup_forks": warmup,
                               "cases": {}}
@@ -222,11 +227,10 @@ def run(quick: bool, log: Callable[[str], None]) -> Dict[str, Any]:
                 cell["child_rest"] = summary(got["child_rest_ns"])
                 cell["closed"] = max(got["closed"])
                 cell["cleanup_per_fd"] = summary([ns / c for ns, c in zip(got["cleanup_ns"], got["closed"]) if c])
-            if got["loop_ns"] and cell.get("libzmq_fds"):
-                cell["close_loop"] = summary(got["loop_ns"])
-                cell["close_loop_per_fd"] = summary([ns / cell["libzmq_fds"] for ns in got["loop_ns"]])
-            if got["check_ns"] and cell.get("libzmq_fds"):
-                cell["check_loop_per_fd"] = summary([ns / cell["libzmq_fds"] for ns in got["check_ns"]])
+            if got["loop_per_fd"]:
+                cell["close_loop_per_fd"] = summary(got["loop_per_fd"])
+            if got["check_per_fd"]:
+                cell["check_loop_per_fd"] = summary(got["check_per_fd"])
             row[mode] = cell
         for mode in MODES:
             for key in ("parent", "child", "child_rest"):

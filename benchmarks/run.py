@@ -74,9 +74,11 @@ def _cleanup_rows(add: Callable[[str, Optional[float], str, Optional[bool], str]
                             ("check_loop_per_fd", "its checks in a plain C loop")):
         floor = raw.get(key, {})
         r = per_fd["median"] / floor["median"] if per_fd.get("median") and floor.get("median") else None
+        failed = raw.get("floor_failures")
         add(f"fork cost, {n} sockets, cleanup per descriptor / {floor_name}", r, "reported", None,
-            f"{_ratio(r)} ({fmt_ns(per_fd.get('median'))} vs {fmt_ns(floor.get('median'))} per descriptor, "
-            f"{z.get('closed', '?')} descriptors)")
+            f"{_ratio(r)} ({fmt_ns(per_fd.get('median'))} vs {fmt_ns(floor.get('median'))} per descriptor; "
+            f"zmqfork closed {z.get('closed', '?')}, the floor {raw.get('libzmq_fds', '?')})"
+            + (f"; {failed} floor runs failed" if failed else ""))
 
 
 def targets(res: Dict[str, Any], quick: bool) -> List[Dict[str, Any]]:
@@ -303,6 +305,8 @@ def render(result: Dict[str, Any]) -> str:
                 floors = "; ".join(f"{name}: {fmt_cell(raw[key]) if raw.get(key) else 'n/a'}"
                                    for key, name in (("close_loop_per_fd", "plain C close() loop"),
                                                      ("check_loop_per_fd", "its checks in C")))
+                floors += f" ({raw.get('libzmq_fds', '?')} descriptors" + (
+                    f"; {raw['floor_failures']} runs failed)" if raw.get("floor_failures") else ")")
                 rows.append([n, f"descriptor cleanup ({z.get('closed', '?')} closed); per descriptor", "",
                              floors] + blank[1:]
                             + [f"{fmt_cell(z['cleanup'])}; {fmt_cell(z['cleanup_per_fd'])}"])
@@ -361,7 +365,9 @@ def render(result: Dict[str, Any]) -> str:
             mem = "-" if not c["mappings_per_generation"] else (
                 f"{_spread(c['mappings_per_generation'], '{:+.2f}')} maps, "
                 f"{_spread(c['rss_kib_per_generation'], '{:+.1f}')} KiB RSS"
-                + (f" (first {ch['early_generations']}: {_spread(c['rss_kib_per_generation_early'], '{:+.1f}')} KiB)"
+                + (f" (first {ch['early_generations']}: {_spread(c['rss_kib_per_generation_early'], '{:+.1f}')} KiB"
+                   + (f", of {c['rss_kib_per_generation_early']['n']}" if c["rss_kib_per_generation_early"]["n"] < runs
+                      else "") + ")"
                    if c.get("rss_kib_per_generation_early") and ch.get("early_generations") else ""))
             fps = _spread(c["forks_per_second"]) + (
                 f" ({_spread(c['forks_per_second_first'])} -> {_spread(c['forks_per_second_last'])})"
@@ -377,9 +383,9 @@ def render(result: Dict[str, Any]) -> str:
                   f"timeout {ch['timeout_s']:.0f} s per run)", "",
                   f"Each alternative's chain ran {ch['repeats']} times, the runs interleaved in rotating order; "
                   "cells are the median over the runs and, where they differ, [min–max]. fds/gen and memory/gen "
-                  "are least-squares slopes over the forked generations (memory sampled every 64), and RSS also "
-                  "over the first generations alone, which every chain reaches (the chains stop at very "
-                  "different lengths); forks/s is overall (first "
+                  "are least-squares slopes, memory over the forked generations (sampled every 64), and RSS also "
+                  f"over the first {ch.get('early_generations', '?')} alone, from the runs that reached them (the "
+                  "chains stop at very different lengths; 'of n' where some did not); forks/s is overall (first "
                   "eighth of the chain -> last eighth); 'stopped' counts the runs by why they stopped.", "",
                   _table(["alternative", "runs", "generations", "delivered", "fds first -> last", "fds/gen",
                           "memory/gen", "forks/s", "seconds", "stopped"], rows), ""]
