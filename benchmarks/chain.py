@@ -49,7 +49,8 @@ from common import rotations, summary  # noqa: E402
 
 ALTS = ("raw", "pidcheck", "atfork", "zmqfork")
 FD_LIMIT = 1024
-EARLY_GENERATIONS = 128  # a sampled generation (every 64th) that the leaking alternatives reach too (they stop near 150)
+# A sampled generation (every 64th) that the leaking alternatives reach too: they stop near 150.
+EARLY_GENERATIONS = 128
 PR_SET_CHILD_SUBREAPER = 36
 
 

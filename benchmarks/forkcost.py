@@ -103,7 +103,8 @@ def worker(mode: str, nsockets: int, forks: int, warmup: int, closeloop: str) ->
     fds = len(os.listdir("/proc/self/fd"))
     # libzmq's descriptors (the sink's too, which zmqfork also closes), and the plain C loops that close them;
     # not the listing's own directory descriptor, closed by now (a child's pipe would take its number).
-    libzmq_fds = sorted(fd for fd in (int(name) for name in os.listdir("/proc/self/fd")) if fd not in before and is_open(fd))
+    listed = (int(name) for name in os.listdir("/proc/self/fd"))
+    libzmq_fds = sorted(fd for fd in listed if fd not in before and is_open(fd))
     close_array = (ctypes.c_int * len(libzmq_fds))(*libzmq_fds)
     anonymous = (ctypes.c_ubyte * len(libzmq_fds))(
         *(os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:") for fd in libzmq_fds))
