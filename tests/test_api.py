@@ -278,7 +278,8 @@ def test_errors_are_pyzmqs(case: str) -> None:
     [
         (lambda: zmq.Context(io_threads="2"), TypeError, "io_threads"),
         (lambda: zmq.Context(io_threads=True), TypeError, "io_threads"),
-        (lambda: zmq.Context(on_fork=3), ValueError, "on_fork"),
+        (lambda: zmq.Context(on_fork=3), TypeError, "on_fork must be a str"),
+        (lambda: zmq.Context(on_fork=["close"]), TypeError, "on_fork must be a str"),
         (lambda: zmq.Context().socket(zmq.PUSH, on_fork="later"), ValueError, "on_fork"),
         (lambda: zmq.Context().socket(zmq.PUSH, socket_class=int), TypeError, "socket_class"),
         (lambda: zmq.Socket(pyzmq.Context(), zmq.PUSH), TypeError, "zmqfork.Context"),

@@ -132,6 +132,45 @@ def test_child_with_new_loop_sends_and_receives_on_inherited_sockets(actx: zaio.
     assert sender == handle.pid
 
 
+@pytest.mark.parametrize("spelling", ["positional", "shadow=", "Context.shadow(address)"])
+def test_asyncio_context_shadowing_a_sync_one_follows_it_across_fork(spelling: str) -> None:
+    """zmq.asyncio.Context(ctx), as pyzmq spells it, works on a zmqfork Context; in a child it shadows the rebuilt one."""
+    ctx = zmq.Context()
+    make = {
+        "positional": lambda: zaio.Context(ctx),
+        "shadow=": lambda: zaio.Context(shadow=ctx),
+        "Context.shadow(address)": lambda: zaio.Context.shadow(ctx.underlying),
+    }[spelling]
+    actx = make()
+    push = actx.socket(zmq.PUSH)  # made through the shadow: ctx.destroy() does not know it (as in pyzmq)
+    try:
+        assert actx._shadow and actx.underlying == ctx.underlying and actx.on_fork == ctx.on_fork
+        pull = ctx.socket(zmq.PULL)
+        pull.rcvtimeo = int(TIMEOUT_S * 1000)
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+
+        async def send(what: bytes) -> None:
+            await push.send(what)
+
+        run(send(b"parent"))
+        assert pull.recv() == b"parent"
+
+        def child() -> bool:
+            run(send(b"child"))
+            same = actx.underlying == ctx.underlying
+            push.close(linger=int(TIMEOUT_S * 1000))
+            ctx.destroy(linger=int(TIMEOUT_S * 1000))  # the term waits for the message (a close alone does not)
+            return same
+
+        handle = start_child(child, kind="libc")
+        assert pull.recv() == b"child"
+        assert handle.result(TIMEOUT_S) is True
+    finally:
+        push.close(linger=0)
+        ctx.destroy(linger=0)
+
+
 def test_parent_loop_is_untouched_by_the_child(actx: zaio.Context) -> None:
     """A recv pending on the parent's (still open) loop completes after a child used the inherited sockets."""
     push, pull = push_pull(actx)

@@ -11,7 +11,10 @@ POLICIES = ("reconnect", "rebind", "close")
 
 
 def check_policy(value: object) -> str:
-    """Return ``value`` if it is a known on_fork policy, else raise ValueError naming the choices."""
-    if not isinstance(value, str) or value not in POLICIES:
-        raise ValueError(f"on_fork must be one of {', '.join(map(repr, POLICIES))}; got {value!r}")
+    """Return ``value`` if it is a known on_fork policy; TypeError if not a str, ValueError naming the choices if unknown."""
+    choices = ", ".join(map(repr, POLICIES))
+    if not isinstance(value, str):
+        raise TypeError(f"on_fork must be a str, one of {choices}; got {type(value).__name__} {value!r}")
+    if value not in POLICIES:
+        raise ValueError(f"on_fork must be one of {choices}; got {value!r}")
     return value

@@ -10,7 +10,7 @@ whatever loop is running then, typically a fresh ``asyncio.run``.
 
 from __future__ import annotations
 
-from typing import Any, Type, Union
+from typing import Any, Optional, Type, Union
 
 import zmq
 import zmq.asyncio
@@ -40,7 +40,7 @@ class Context(zmq.asyncio.Context, _Context):
         io_threads: Union[int, zmq.Context[Any]] = 1,
         shadow: Union[zmq.Context[Any], int] = 0,
         *,
-        on_fork: str = "reconnect",
+        on_fork: Optional[str] = None,
     ) -> None:
         _Context.__init__(self, io_threads, shadow, on_fork=on_fork)  # not zmq.asyncio's: it would drop on_fork
 
