@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+import zmq
+
+import zmqfork
+
 _worker_socket: Optional[Any] = None
 
 
@@ -31,3 +35,18 @@ def task(tag: str) -> int:
     """A pool task: report on the socket the initializer kept."""
     assert _worker_socket is not None, "the initializer did not run"
     return report(_worker_socket, tag)
+
+
+class TaggedSocket(zmq.Socket):  # type: ignore[type-arg]
+    """A library's own socket class, passed as ``socket_class``: zmqfork makes a fork-safe twin of it."""
+
+
+class LibraryContext(zmq.Context):  # type: ignore[type-arg]
+    """A library's own context class: under ``zmqfork.patch()``, a fork-safe twin of it is made."""
+
+
+def report_as_tagged(sock: Any, tag: str) -> int:
+    """``report``, once ``sock`` is checked to have come back a fork-safe TaggedSocket."""
+    if not (isinstance(sock, TaggedSocket) and isinstance(sock, zmqfork.Socket)):
+        raise AssertionError(f"unpickled as {type(sock).__mro__}")
+    return report(sock, tag)

@@ -101,6 +101,39 @@ def test_one_program_delivers_from_every_child_under_every_start_method(
     assert os.getpid() not in by_tag["init"] | by_tag["process"]
 
 
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_librarys_socket_class_travels_as_itself(answering: Tuple[zmqfork.Context, Answering], method: str) -> None:
+    """A socket made with socket_class=TaggedSocket (a fork-safe twin of it) is unpickled as the twin of TaggedSocket."""
+    ctx, server = answering
+    req = ctx.socket(pyzmq.REQ, socket_class=mpwork.TaggedSocket)
+    req.rcvtimeo = req.linger = TIMEOUT_MS
+    req.connect(server.endpoint)
+    again = pickle.loads(pickle.dumps(req))
+    assert type(again) is type(req) and again.context is not ctx
+    again.context.destroy(linger=0)
+    process = multiprocessing.get_context(method).Process(target=mpwork.report_as_tagged, args=(req, "tagged"))
+    process.start()
+    process.join(TIMEOUT_MS / 1000)
+    assert process.exitcode == 0
+    assert server.stop() == [("tagged", process.pid)]
+
+
+def test_a_librarys_context_class_under_patch_travels_as_itself() -> None:
+    """Under patch(), a LibraryContext (a fork-safe twin of it) and its sockets pickle and come back as the twin."""
+    zmqfork.patch()
+    try:
+        ctx = mpwork.LibraryContext()
+        sock = ctx.socket(pyzmq.PUSH)
+        sock.connect("tcp://127.0.0.1:5")
+        ctx2, sock2 = pickle.loads(pickle.dumps((ctx, sock)))
+        assert type(ctx2) is type(ctx) and isinstance(ctx2, mpwork.LibraryContext) and ctx2 is not ctx
+        assert type(sock2) is type(sock) and sock2.context is ctx2
+        for context in (ctx, ctx2):
+            context.destroy(linger=0)
+    finally:
+        zmqfork.unpatch()
+
+
 def test_sockets_of_one_context_share_one_context_after_unpickling() -> None:
     """Pickled together, sockets keep one Context; its options, default socket options and the recipes come back."""
     ctx = zmqfork.Context(on_fork="rebind")

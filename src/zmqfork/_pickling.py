@@ -1,6 +1,7 @@
 """Pickling by recipe: a zmqfork socket or context travels to another process as what rebuilds it.
 
-A pickled Context is its class, I/O threads, ``on_fork`` policy, context
+A pickled Context is its class (for a fork-safe twin of a library's class,
+that class: ``asked_for``), I/O threads, ``on_fork`` policy, context
 options and default socket options; a pickled Socket is its class, type,
 ``on_fork`` policy, copy threshold, recipe and its Context (pickled once per
 pickle, so sockets of one Context pickled together share one context after
@@ -40,6 +41,11 @@ _NEVER = 0
 _PLAIN_VALUES = (bytes, str, int, float)
 
 
+def asked_for(cls: type) -> type:
+    """The class a fork-safe twin was made for (``cls`` itself if it is none): the one pickle can name."""
+    return cls.__dict__.get("_zf_asked_for", cls)  # type: ignore[no-any-return]
+
+
 def reduce_context(ctx: Context) -> Tuple[Callable[..., Context], Tuple[Any, ...]]:
     """``Context.__reduce__``: the state that makes an equivalent context in any process."""
     if ctx.closed:
@@ -52,7 +58,7 @@ def reduce_context(ctx: Context) -> Tuple[Callable[..., Context], Tuple[Any, ...
     options = dict(ctx._zf_options)
     defaults = dict(ctx.sockopts)
     _check_plain(ctx, [*options.items(), *defaults.items()])
-    return _unpickle_context, (type(ctx), ctx._zf_io_threads, ctx.on_fork, options, defaults)
+    return _unpickle_context, (asked_for(type(ctx)), ctx._zf_io_threads, ctx.on_fork, options, defaults)
 
 
 def reduce_socket(sock: Socket[Any]) -> Tuple[Callable[..., Socket[Any]], Tuple[Any, ...]]:
@@ -72,9 +78,10 @@ def reduce_socket(sock: Socket[Any]) -> Tuple[Callable[..., Socket[Any]], Tuple[
             )
     _check_plain(sock, [(step.option, step.value) for step in recipe.steps if step.kind == "set"])
     origin = sock._zf_origin
+    cls = asked_for(type(sock))
     if origin is not None:
-        return _unpickle_shadow, (type(sock), origin)
-    return _unpickle_socket, (type(sock), sock.context, sock._zf_type, sock._zf_on_fork, sock.copy_threshold,
+        return _unpickle_shadow, (cls, origin)
+    return _unpickle_socket, (cls, sock.context, sock._zf_type, sock._zf_on_fork, sock.copy_threshold,
                               [tuple(step) for step in recipe.steps])
 
 
@@ -87,8 +94,11 @@ def _check_plain(owner: Any, options: Any) -> None:
             )
 
 
-def _unpickle_context(cls: Type[Context], io_threads: int, on_fork: str, options: Dict[int, Any],
+def _unpickle_context(asked: Type[zmq.Context[Any]], io_threads: int, on_fork: str, options: Dict[int, Any],
                       defaults: Dict[int, Any]) -> Context:
+    from zmqfork.context import fork_safe_context_class
+
+    cls = fork_safe_context_class(asked)
     ctx = cls.__new__(cls)
     ctx._zf_mark_inherited()  # no libzmq context yet: pyzmq's compiled methods refuse until rebuilt
     ctx._zf_init(_NEVER, io_threads, on_fork, options, None)
@@ -97,7 +107,7 @@ def _unpickle_context(cls: Type[Context], io_threads: int, on_fork: str, options
     return ctx
 
 
-def _unpickle_socket(cls: Type[Socket[Any]], ctx: Context, socket_type: int, on_fork: str, copy_threshold: int,
+def _unpickle_socket(cls: Type[zmq.Socket[Any]], ctx: Context, socket_type: int, on_fork: str, copy_threshold: int,
                      steps: Any) -> Socket[Any]:
     recipe = SocketRecipe()
     recipe.steps = [Step(*step) for step in steps]
@@ -106,16 +116,19 @@ def _unpickle_socket(cls: Type[Socket[Any]], ctx: Context, socket_type: int, on_
     return sock
 
 
-def _unpickle_shadow(cls: Type[Socket[Any]], origin: Socket[Any]) -> Socket[Any]:
+def _unpickle_shadow(cls: Type[zmq.Socket[Any]], origin: Socket[Any]) -> Socket[Any]:
     sock = _new_stale_socket(cls, origin.context, origin._zf_type,  # type: ignore[arg-type]  # zmqfork's
                              origin._zf_on_fork, origin._zf_recipe, origin)
     sock.__dict__["_shadow"] = True
     return sock
 
 
-def _new_stale_socket(cls: Type[Socket[Any]], ctx: Context, socket_type: int, on_fork: str,
+def _new_stale_socket(asked: Type[zmq.Socket[Any]], ctx: Context, socket_type: int, on_fork: str,
                       recipe: Optional[SocketRecipe], origin: Optional[Socket[Any]]) -> Socket[Any]:
     """A socket object with no libzmq socket yet, as an inherited one is: it rebuilds at first use."""
+    from zmqfork.context import fork_safe_socket_class
+
+    cls = fork_safe_socket_class(asked)
     sock = cls.__new__(cls)
     sock._zf_mark_inherited()  # pyzmq's compiled methods refuse it until it is rebuilt
     sock._zf_init(_NEVER, socket_type, on_fork, recipe, origin)

@@ -283,8 +283,13 @@ _fork_safe_classes: Dict[Any, Any] = {}
 
 
 def _fork_safe_twin(cls: type, *bases: type) -> type:
-    """A class named and documented as ``cls``, made of ``bases`` (``cls`` and a zmqfork class, in MRO order)."""
-    return type(cls.__name__, bases, {"__module__": cls.__module__, "__doc__": cls.__doc__})
+    """A class named and documented as ``cls``, made of ``bases`` (``cls`` and a zmqfork class, in MRO order).
+
+    Its name leads pickle to ``cls``, not to it: pickling by recipe names
+    ``cls`` instead (``zmqfork._pickling.asked_for``), and the unpickling
+    process makes its own twin of it.
+    """
+    return type(cls.__name__, bases, {"__module__": cls.__module__, "__doc__": cls.__doc__, "_zf_asked_for": cls})
 
 
 def fork_safe_socket_class(cls: Type[zmq.Socket[Any]]) -> Type[Socket[Any]]:
