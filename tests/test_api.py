@@ -178,6 +178,41 @@ def test_recipe_stays_bounded_and_keeps_order(ctx: zmq.Context) -> None:
     ]
 
 
+def test_every_accept_filter_is_replayed(ctx: zmq.Context) -> None:
+    """TCP_ACCEPT_FILTER adds a filter at each set (libzmq): the child's rebound socket accepts what the parent's did."""
+    from forking import run_in_child
+
+    def accepts_from_localhost(pull: zmq.Socket) -> bytes:
+        port = int(pull.last_endpoint.rsplit(b":", 1)[1])
+        push = ctx.socket(zmq.PUSH)
+        push.linger = 0
+        push.connect(f"tcp://127.0.0.1:{port}")
+        push.send(b"accepted")
+        try:
+            return pull.recv()
+        finally:
+            push.close()
+
+    pull = ctx.socket(zmq.PULL, on_fork="rebind")
+    pull.rcvtimeo = 10_000
+    for mask in (b"127.0.0.1", b"127.0.0.2", b"127.0.0.1"):
+        pull.setsockopt(zmq.TCP_ACCEPT_FILTER, mask)
+    pull.bind("tcp://127.0.0.1:*")  # a wildcard port: the child binds one of its own
+    assert [step.value for step in pull._zf_recipe.steps if step.option == zmq.TCP_ACCEPT_FILTER] == [
+        b"127.0.0.1",
+        b"127.0.0.2",
+    ]
+    assert accepts_from_localhost(pull) == b"accepted"
+
+    def child() -> bytes:
+        try:
+            return accepts_from_localhost(pull)
+        finally:
+            ctx.destroy(linger=0)
+
+    assert run_in_child(child) == b"accepted"
+
+
 def test_secrets_never_show_in_a_recipe(ctx: zmq.Context) -> None:
     """CURVE secret keys and PLAIN passwords are replayed but never shown."""
     public, secret = pyzmq.curve_keypair()

@@ -2,7 +2,8 @@
 
 Only calls that succeeded are recorded, so nothing that failed in the parent
 is replayed.  The recipe stays bounded: an option set again before the next
-endpoint step replaces the earlier value, an unsubscribe cancels its subscribe,
+endpoint step replaces the earlier value (an accept filter, which libzmq adds
+to a list, is kept once per value), an unsubscribe cancels its subscribe,
 a disconnect its connect, an unbind its bind, a ``monitor(None)`` the monitor.
 """
 
@@ -22,6 +23,8 @@ SECRET_OPTIONS = frozenset({zmq.CURVE_SECRETKEY, zmq.PLAIN_PASSWORD})
 
 # Options that add up rather than replace: every set counts.
 _CUMULATIVE_OPTIONS = frozenset({zmq.SUBSCRIBE, zmq.UNSUBSCRIBE})
+# Options whose every set adds to a list of filters (a peer must match one): a value set again adds nothing.
+_FILTER_OPTIONS = frozenset({zmq.TCP_ACCEPT_FILTER, zmq.IPC_FILTER_PID, zmq.IPC_FILTER_UID, zmq.IPC_FILTER_GID})
 
 
 class Step(NamedTuple):
@@ -75,6 +78,10 @@ class SocketRecipe:
     def record_option(self, option: int, value: Any) -> None:
         """Record a successful ``setsockopt``."""
         if option == zmq.UNSUBSCRIBE and self._cancel(Step("set", zmq.SUBSCRIBE, value)):
+            return
+        if option in _FILTER_OPTIONS:
+            if Step("set", option, value) not in self.steps:
+                self.steps.append(Step("set", option, value))
             return
         if option not in _CUMULATIVE_OPTIONS:
             # Replace an earlier value set since the last endpoint step.
