@@ -213,6 +213,27 @@ def test_every_accept_filter_is_replayed(ctx: zmq.Context) -> None:
     assert run_in_child(child) == b"accepted"
 
 
+def test_an_unbind_spelled_unlike_its_bind_cancels_it(ctx: zmq.Context) -> None:
+    """libzmq resolves a tcp unbind (localhost undoes 127.0.0.1): the child's socket has no bind left to refuse."""
+    from forking import run_in_child
+
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    kept = pull.bind_to_random_port("tcp://127.0.0.1")
+    pull.unbind(f"tcp://localhost:{port}")
+    assert [step.resolved for step in pull._zf_recipe.steps if step.kind == "bind"] == [f"tcp://127.0.0.1:{kept}"]
+    pull.unbind(f"tcp://localhost:{kept}")
+    pull.connect("inproc://after-the-unbinds")
+
+    def child() -> int:
+        try:
+            return pull.poll(0)  # raised InheritedBindError while the recipe kept the undone binds
+        finally:
+            ctx.destroy(linger=0)
+
+    assert run_in_child(child) == 0
+
+
 def test_secrets_never_show_in_a_recipe(ctx: zmq.Context) -> None:
     """CURVE secret keys and PLAIN passwords are replayed but never shown."""
     public, secret = pyzmq.curve_keypair()

@@ -9,7 +9,7 @@ a disconnect its connect, an unbind its bind, a ``monitor(None)`` the monitor.
 
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
 
 import zmq
 from zmq.backend import Socket as _BackendSocket
@@ -55,6 +55,22 @@ class Step(NamedTuple):
 
 def _is_inproc(step: Step) -> bool:
     return step.endpoint.startswith("inproc://")
+
+
+def _tcp_resolutions(endpoint: str, ipv6: bool) -> List[str]:
+    """The endpoints ``tcp://host:port`` resolves to, as libzmq writes a bound one (IPv6 in brackets)."""
+    import socket  # only for an unbind spelled unlike its bind
+
+    host, sep, port = endpoint[len("tcp://"):].rpartition(":")
+    if not sep or not port.isdigit():
+        return []
+    try:
+        found = socket.getaddrinfo(host.strip("[]"), int(port), socket.AF_UNSPEC if ipv6 else socket.AF_INET,
+                                   socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return []
+    return [f"tcp://[{address[0]}]:{port}" if family == socket.AF_INET6 else f"tcp://{address[0]}:{port}"
+            for family, _, _, _, address in found]
 
 
 def _option_name(option: int) -> str:
@@ -114,13 +130,27 @@ class SocketRecipe:
         """Record a successful ``bind`` of ``endpoint`` that the system resolved to ``resolved``."""
         self.steps.append(Step("bind", endpoint=endpoint, resolved=resolved or endpoint))
 
-    def record_unbind(self, endpoint: str) -> None:
-        """Record a successful ``unbind``: it cancels the bind it undid."""
+    def record_unbind(self, endpoint: str, *, ipv6: bool = False) -> None:
+        """Record a successful ``unbind``: it cancels the bind it undid.
+
+        That bind was spelled as ``endpoint``, or got it as its resolved
+        endpoint; else, as libzmq does, a tcp endpoint is resolved
+        (``tcp://localhost:5555`` undoes a bind that resolved to
+        ``tcp://127.0.0.1:5555``), with the socket's ``ipv6`` option.
+        """
+        if self._cancel_bind(lambda step: endpoint in (step.endpoint, step.resolved)):
+            return
+        if endpoint.startswith("tcp://"):
+            spellings = _tcp_resolutions(endpoint, ipv6)
+            self._cancel_bind(lambda step: step.resolved in spellings)
+
+    def _cancel_bind(self, undid: Callable[[Step], bool]) -> bool:
         for index in range(len(self.steps) - 1, -1, -1):
             step = self.steps[index]
-            if step.kind == "bind" and endpoint in (step.endpoint, step.resolved):
+            if step.kind == "bind" and undid(step):
                 del self.steps[index]
-                return
+                return True
+        return False
 
     def record_monitor(self, endpoint: Optional[str], events: int) -> None:
         """Record a successful ``monitor``; ``endpoint=None`` stops monitoring."""

@@ -319,7 +319,7 @@ class Socket(zmq.Socket[_RecvT_co]):
         self._zf_live()
         super().unbind(addr)
         if self._zf_recipe is not None:
-            self._zf_recipe.record_unbind(_text(addr))
+            self._zf_recipe.record_unbind(_text(addr), ipv6=bool(self.get(zmq.IPV6)))
 
     def monitor(self, addr: Union[str, bytes, None], events: int = zmq.EVENT_ALL) -> None:
         """Start (or, with ``addr=None``, stop) publishing socket events on a PAIR at ``addr``; replayed in a child."""
