@@ -2,8 +2,8 @@
 
 Only calls that succeeded are recorded, so nothing that failed in the parent
 is replayed.  The recipe stays bounded: an option set again before the next
-endpoint step replaces the earlier value (an accept filter, which libzmq adds
-to a list, is kept once per value), an unsubscribe cancels its subscribe,
+endpoint step or filter replaces the earlier value (every filter is kept, as
+libzmq adds each to a list), an unsubscribe cancels its subscribe,
 a disconnect its connect, an unbind its bind, a ``monitor(None)`` the monitor.
 """
 
@@ -21,10 +21,11 @@ __all__ = ["Step", "SocketRecipe", "SECRET_OPTIONS"]
 #: Options whose values never appear in a repr, a log line or an error.
 SECRET_OPTIONS = frozenset({zmq.CURVE_SECRETKEY, zmq.PLAIN_PASSWORD})
 
-# Options that add up rather than replace: every set counts.
-_CUMULATIVE_OPTIONS = frozenset({zmq.SUBSCRIBE, zmq.UNSUBSCRIBE})
-# Options whose every set adds to a list of filters (a peer must match one): a value set again adds nothing.
+# Options whose every set adds to a list of filters (a peer must match one).  libzmq reads an accept
+# filter's text as the IPV6 option says at that moment, so a filter also keeps its place among the sets.
 _FILTER_OPTIONS = frozenset({zmq.TCP_ACCEPT_FILTER, zmq.IPC_FILTER_PID, zmq.IPC_FILTER_UID, zmq.IPC_FILTER_GID})
+# Options that add up rather than replace: every set counts.
+_CUMULATIVE_OPTIONS = frozenset({zmq.SUBSCRIBE, zmq.UNSUBSCRIBE}) | _FILTER_OPTIONS
 
 
 class Step(NamedTuple):
@@ -95,15 +96,11 @@ class SocketRecipe:
         """Record a successful ``setsockopt``."""
         if option == zmq.UNSUBSCRIBE and self._cancel(Step("set", zmq.SUBSCRIBE, value)):
             return
-        if option in _FILTER_OPTIONS:
-            if Step("set", option, value) not in self.steps:
-                self.steps.append(Step("set", option, value))
-            return
         if option not in _CUMULATIVE_OPTIONS:
-            # Replace an earlier value set since the last endpoint step.
+            # Replace an earlier value set since the last endpoint step or filter.
             for index in range(len(self.steps) - 1, -1, -1):
                 step = self.steps[index]
-                if step.kind != "set":
+                if step.kind != "set" or step.option in _FILTER_OPTIONS:
                     break
                 if step.option == option:
                     del self.steps[index]
