@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, List, Tuple
 
 import pytest
 import zmq as pyzmq
@@ -239,6 +239,47 @@ def test_an_unbind_spelled_unlike_its_bind_cancels_it(ctx: zmq.Context) -> None:
             ctx.destroy(linger=0)
 
     assert run_in_child(child) == 0
+
+
+def _attached(sock: zmq.Socket) -> List[str]:
+    return [f"{step.kind} {step.resolved if step.kind == 'bind' else step.endpoint}"
+            for step in sock._zf_recipe.steps if step.kind in ("bind", "connect")]
+
+
+@pytest.mark.parametrize("case", ["ipv6 mapped", "port spelled 0NNNN", "unbind a connect", "disconnect a bind",
+                                  "a connect spelled as the unbind", "inproc"])
+def test_unbind_and_disconnect_end_what_libzmq_ends(ctx: zmq.Context, case: str) -> None:
+    """libzmq ends binds and connects alike, filed under a key (see SocketRecipe.record_end); the recipe follows."""
+    sock = ctx.socket(zmq.ROUTER)
+    if case == "ipv6 mapped":
+        sock.ipv6 = True
+        port = sock.bind_to_random_port("tcp://127.0.0.1")  # libzmq got tcp://[::ffff:127.0.0.1]:port
+        sock.unbind(f"tcp://127.0.0.1:{port}")
+        expected: List[str] = []
+    elif case == "port spelled 0NNNN":
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        sock.unbind(f"tcp://127.0.0.1:0{port}")
+        expected = []
+    elif case == "unbind a connect":
+        sock.connect("tcp://127.0.0.1:5")
+        sock.unbind("tcp://127.0.0.1:5")
+        expected = []
+    elif case == "disconnect a bind":
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        sock.disconnect(f"tcp://127.0.0.1:{port}")
+        expected = []
+    elif case == "a connect spelled as the unbind":  # libzmq finds the connect under that very string first
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        sock.connect(f"tcp://localhost:{port}")
+        sock.unbind(f"tcp://localhost:{port}")
+        expected = [f"bind tcp://127.0.0.1:{port}"]
+    else:
+        sock.bind("inproc://ended")
+        sock.connect("inproc://ended-too")
+        sock.unbind("inproc://ended")
+        sock.disconnect("inproc://ended-too")
+        expected = []
+    assert _attached(sock) == expected
 
 
 def test_secrets_never_show_in_a_recipe(ctx: zmq.Context) -> None:

@@ -3,12 +3,13 @@
 Only calls that succeeded are recorded, so nothing that failed in the parent
 is replayed.  The recipe stays bounded: an option set again before the next
 endpoint step or filter replaces the earlier value (every filter is kept, as
-libzmq adds each to a list), an unsubscribe cancels its subscribe,
-a disconnect its connect, an unbind its bind, a ``monitor(None)`` the monitor.
+libzmq adds each to a list), an unsubscribe cancels its subscribe, an unbind
+or a disconnect what libzmq ended, a ``monitor(None)`` the monitor.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, List, NamedTuple, Optional
 
 import zmq
@@ -29,7 +30,7 @@ _CUMULATIVE_OPTIONS = frozenset({zmq.SUBSCRIBE, zmq.UNSUBSCRIBE}) | _FILTER_OPTI
 
 
 class Step(NamedTuple):
-    """One recorded call: ``kind`` is "set", "connect", "disconnect", "bind", "monitor", "join"."""
+    """One recorded call: ``kind`` is "set", "connect", "bind", "monitor", "join"."""
 
     kind: str
     option: int = 0
@@ -58,20 +59,30 @@ def _is_inproc(step: Step) -> bool:
     return step.endpoint.startswith("inproc://")
 
 
-def _tcp_resolutions(endpoint: str, ipv6: bool) -> List[str]:
-    """The endpoints ``tcp://host:port`` resolves to, as libzmq writes a bound one (IPv6 in brackets)."""
-    import socket  # only for an unbind spelled unlike its bind
+def _filed_under(step: Step, key: str) -> bool:
+    """Whether libzmq files ``step`` (a bind or a connect) under ``key``."""
+    return (step.kind == "bind" and step.resolved == key) or (step.kind == "connect" and step.endpoint == key)
 
-    host, sep, port = endpoint[len("tcp://"):].rpartition(":")
-    if not sep or not port.isdigit():
-        return []
+
+def _tcp_resolution(endpoint: str, ipv6: bool) -> Optional[str]:
+    """``tcp://host:port`` as libzmq resolves a connect's (first address; IPv4 mapped under ipv6), or None."""
+    import socket  # only for an unbind or disconnect spelled unlike what it ends
+
+    host, sep, port_text = endpoint[len("tcp://"):].rpartition(":")
+    digits = re.match(r"\s*[+-]?\d+", port_text)  # libzmq reads the port with atoi() into 16 bits
+    port = int(digits.group()) & 0xFFFF if digits else 0
+    if not sep or not port or ";" in host:
+        return None
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
     try:
-        found = socket.getaddrinfo(host.strip("[]"), int(port), socket.AF_UNSPEC if ipv6 else socket.AF_INET,
-                                   socket.SOCK_STREAM)
+        found = socket.getaddrinfo(host.strip("[]"), port, family, socket.SOCK_STREAM, 0,
+                                   socket.AI_NUMERICSERV | (socket.AI_V4MAPPED if ipv6 else 0))
     except (OSError, UnicodeError):
-        return []
-    return [f"tcp://[{address[0]}]:{port}" if family == socket.AF_INET6 else f"tcp://{address[0]}:{port}"
-            for family, _, _, _, address in found]
+        return None
+    address = found[0][4][0] if found else None
+    if address is None:
+        return None
+    return f"tcp://[{address}]:{port}" if family == socket.AF_INET6 else f"tcp://{address}:{port}"
 
 
 def _option_name(option: int) -> str:
@@ -111,43 +122,36 @@ class SocketRecipe:
         """Record a successful ``connect``."""
         self.steps.append(Step("connect", endpoint=endpoint))
 
-    def record_disconnect(self, endpoint: str) -> None:
-        """Record a successful ``disconnect``: it cancels every connect to ``endpoint``.
-
-        libzmq ends all of a socket's connections to an endpoint at once,
-        however many times the socket connected to it.
-        """
-        kept = [step for step in self.steps if not (step.kind == "connect" and step.endpoint == endpoint)]
-        if len(kept) == len(self.steps):
-            self.steps.append(Step("disconnect", endpoint=endpoint))
-        else:
-            self.steps = kept
-
     def record_bind(self, endpoint: str, resolved: str) -> None:
         """Record a successful ``bind`` of ``endpoint`` that the system resolved to ``resolved``."""
         self.steps.append(Step("bind", endpoint=endpoint, resolved=resolved or endpoint))
 
-    def record_unbind(self, endpoint: str, *, ipv6: bool = False) -> None:
-        """Record a successful ``unbind``: it cancels the bind it undid.
+    def record_end(self, endpoint: str, *, ipv6: bool = False) -> None:
+        """Record a successful ``unbind`` or ``disconnect``: in libzmq, one call that ends an endpoint.
 
-        That bind was spelled as ``endpoint``, or got it as its resolved
-        endpoint; else, as libzmq does, a tcp endpoint is resolved
-        (``tcp://localhost:5555`` undoes a bind that resolved to
-        ``tcp://127.0.0.1:5555``), with the socket's ``ipv6`` option.
+        libzmq files a bind under the endpoint it got (``resolved``) and a
+        connect under the endpoint as given, and ends everything filed under
+        ``endpoint`` (every connect to it, however many), else under what a
+        tcp ``endpoint`` resolves to as a connect's would, with the socket's
+        ``ipv6`` option (``tcp://localhost:5555`` ends a bind that got
+        ``tcp://127.0.0.1:5555``).  An inproc name ends its bind, else its
+        connects.
         """
-        if self._cancel_bind(lambda step: endpoint in (step.endpoint, step.resolved)):
+        if endpoint.startswith("inproc://"):
+            if not self._drop(lambda step: step.kind == "bind" and step.endpoint == endpoint):
+                self._drop(lambda step: step.kind == "connect" and step.endpoint == endpoint)
             return
-        if endpoint.startswith("tcp://"):
-            spellings = _tcp_resolutions(endpoint, ipv6)
-            self._cancel_bind(lambda step: step.resolved in spellings)
+        if self._drop(lambda step: _filed_under(step, endpoint)) or not endpoint.startswith("tcp://"):
+            return
+        key = _tcp_resolution(endpoint, ipv6)
+        if key is not None:
+            self._drop(lambda step: _filed_under(step, key))
 
-    def _cancel_bind(self, undid: Callable[[Step], bool]) -> bool:
-        for index in range(len(self.steps) - 1, -1, -1):
-            step = self.steps[index]
-            if step.kind == "bind" and undid(step):
-                del self.steps[index]
-                return True
-        return False
+    def _drop(self, ended: Callable[[Step], bool]) -> bool:
+        kept = [step for step in self.steps if not ended(step)]
+        dropped = len(kept) != len(self.steps)
+        self.steps = kept
+        return dropped
 
     def record_monitor(self, endpoint: Optional[str], events: int) -> None:
         """Record a successful ``monitor``; ``endpoint=None`` stops monitoring."""
@@ -199,8 +203,6 @@ def _apply(sock: zmq.Socket[Any], step: Step, rebind: bool) -> None:
         _BackendSocket.set(sock, step.option, step.value)
     elif kind == "connect":
         _BackendSocket.connect(sock, step.endpoint)
-    elif kind == "disconnect":
-        _BackendSocket.disconnect(sock, step.endpoint)
     elif kind == "bind":
         if rebind or _is_inproc(step):
             _BackendSocket.bind(sock, step.endpoint)

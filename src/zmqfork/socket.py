@@ -303,7 +303,7 @@ class Socket(zmq.Socket[_RecvT_co]):
         self._zf_live()
         super().disconnect(addr)
         if self._zf_recipe is not None:
-            self._zf_recipe.record_disconnect(_text(addr))
+            self._zf_recipe.record_end(_text(addr), ipv6=bool(self.get(zmq.IPV6)))
 
     def bind(self, addr: str) -> Any:
         """Bind to ``addr``; in a forked child as the ``on_fork`` policy says.  Returns pyzmq's unbinding context manager."""
@@ -319,7 +319,7 @@ class Socket(zmq.Socket[_RecvT_co]):
         self._zf_live()
         super().unbind(addr)
         if self._zf_recipe is not None:
-            self._zf_recipe.record_unbind(_text(addr), ipv6=bool(self.get(zmq.IPV6)))
+            self._zf_recipe.record_end(_text(addr), ipv6=bool(self.get(zmq.IPV6)))
 
     def monitor(self, addr: Union[str, bytes, None], events: int = zmq.EVENT_ALL) -> None:
         """Start (or, with ``addr=None``, stop) publishing socket events on a PAIR at ``addr``; replayed in a child."""
