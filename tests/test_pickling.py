@@ -219,7 +219,8 @@ def test_asyncio_sockets_and_shadows_pickle() -> None:
 
 
 def test_what_cannot_travel_is_refused_when_pickling() -> None:
-    """Closed objects, inproc endpoints, monitors, foreign shadows and odd option values are refused, saying why."""
+    """Closed objects, inproc endpoints, monitors, foreign shadows, classes with their own __init__ and odd option
+    values are refused, saying why."""
     ctx = zmqfork.Context()
     plain = pyzmq.Context()
     secret = pyzmq.curve_keypair()[1]
@@ -235,12 +236,22 @@ def test_what_cannot_travel_is_refused_when_pickling() -> None:
         foreign = zmqfork.Socket.shadow(plain_push.underlying)
         terminated = zmqfork.Context()
         terminated.term()
+
+        class Stateful(pyzmq.Socket):  # type: ignore[type-arg]
+            tag = ""  # declared: pyzmq's sockets take only options and declared attributes
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.tag = "set up here, not in the recipe"
+
+        stateful = ctx.socket(pyzmq.PUSH, socket_class=Stateful)
         cases = [
             (closed, "closed"),
             (inproc, "inproc"),
             (monitored, "monitor"),
             (foreign, "does not own"),
             (terminated, "terminated"),
+            (stateful, "an __init__ of its own .*Stateful"),
         ]
         for obj, reason in cases:
             with pytest.raises(TypeError, match=reason) as info:

@@ -13,9 +13,10 @@ independent objects.  (``copy.copy`` and ``copy.deepcopy`` stay pyzmq's: a
 shadow.)
 
 Refused when pickling, with the reason: a closed socket or context, a shadow
-of a socket zmqfork does not own, a socket with an ``inproc://`` endpoint or
-a monitor (inproc lives in one process's context), and option values that are
-not plain bytes, str or numbers.  CURVE and PLAIN secrets travel in the
+of a socket zmqfork does not own, an object whose class has an ``__init__``
+other than pyzmq's and zmqfork's (what it set up would not travel), a socket
+with an ``inproc://`` endpoint or a monitor (inproc lives in one process's
+context), and option values that are not plain bytes, str or numbers.  CURVE and PLAIN secrets travel in the
 pickle; they never appear in a repr or an error.
 """
 
@@ -46,6 +47,17 @@ def asked_for(cls: type) -> type:
     return cls.__dict__.get("_zf_asked_for", cls)  # type: ignore[no-any-return]
 
 
+def _check_no_own_init(owner: Any) -> None:
+    """Refuse an object whose class has an ``__init__`` other than pyzmq's and zmqfork's: its setup would not travel."""
+    for klass in type(owner).__mro__:
+        if "__init__" in vars(klass) and klass.__module__.partition(".")[0] not in ("zmq", "zmqfork", "builtins"):
+            raise TypeError(
+                f"cannot pickle {owner!r}: its class has an __init__ of its own "
+                f"({klass.__module__}.{klass.__qualname__}), and only the recipe travels, not what that __init__ "
+                "set up; pickle a socket or context of a class that only adds methods, or give the class __reduce__"
+            )
+
+
 def reduce_context(ctx: Context) -> Tuple[Callable[..., Context], Tuple[Any, ...]]:
     """``Context.__reduce__``: the state that makes an equivalent context in any process."""
     if ctx.closed:
@@ -55,6 +67,7 @@ def reduce_context(ctx: Context) -> Tuple[Callable[..., Context], Tuple[Any, ...
         return reduce_context(origin)
     if ctx._shadow:
         raise TypeError(f"cannot pickle {ctx!r}: it shadows a libzmq context zmqfork does not own")
+    _check_no_own_init(ctx)
     options = dict(ctx._zf_options)
     defaults = dict(ctx.sockopts)
     _check_plain(ctx, [*options.items(), *defaults.items()])
@@ -68,6 +81,7 @@ def reduce_socket(sock: Socket[Any]) -> Tuple[Callable[..., Socket[Any]], Tuple[
     recipe = sock._zf_recipe
     if recipe is None:
         raise TypeError(f"cannot pickle {sock!r}: it shadows a libzmq socket zmqfork does not own")
+    _check_no_own_init(sock)
     for step in recipe.steps:
         if step.kind == "monitor":
             raise TypeError(f"cannot pickle {sock!r}: it has a monitor ({step.describe()}), which lives in this process")
