@@ -164,12 +164,12 @@ def test_sockets_of_one_context_share_one_context_after_unpickling() -> None:
         ctx.destroy(linger=0)
 
 
-def test_unpickled_binds_follow_the_policy() -> None:
+def test_unpickled_binds_follow_the_policy(tmp_path: Any) -> None:
     """A bound socket unpickled raises InheritedBindError naming the endpoint on use, by default; rebind binds."""
     ctx = zmqfork.Context()
     try:
         bound = ctx.socket(pyzmq.PULL)
-        endpoint = f"ipc://{os.getcwd()}/zmqfork-pickle-{os.getpid()}.ipc"
+        endpoint = f"ipc://{tmp_path}/zmqfork-pickle.ipc"
         bound.bind(endpoint)
         rebinding = ctx.socket(pyzmq.PULL, on_fork="rebind")
         rebinding.bind(endpoint + "-2")
