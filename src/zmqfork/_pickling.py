@@ -16,8 +16,9 @@ Refused when pickling, with the reason: a closed socket or context, a shadow
 of a socket zmqfork does not own, an object whose class has an ``__init__``
 other than pyzmq's and zmqfork's (what it set up would not travel), a socket
 with an ``inproc://`` endpoint or a monitor (inproc lives in one process's
-context), and option values that are not plain bytes, str or numbers.  CURVE and PLAIN secrets travel in the
-pickle; they never appear in a repr or an error.
+context), and option values that are not plain bytes, str or numbers.  CURVE
+and PLAIN secrets travel in the pickle; they never appear in a repr or an
+error.
 """
 
 from __future__ import annotations
